@@ -1,0 +1,1 @@
+"""Evaluation harness of pikv-press: imports the package, never imported by it."""

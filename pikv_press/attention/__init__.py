@@ -1,0 +1,1 @@
+"""attention layer of pikv-press (see DESIGN.md); populated by later issues."""

@@ -1,0 +1,1 @@
+"""cache layer of pikv-press (see DESIGN.md); populated by later issues."""

@@ -1,0 +1,1 @@
+"""presses layer of pikv-press (see DESIGN.md); populated by later issues."""
