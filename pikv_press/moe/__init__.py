@@ -1,0 +1,35 @@
+"""Model anatomy of MoE families: layers, attention, routers, routing and the router tap.
+
+This subpackage is the only place in pikv-press that knows how each model family is laid out.
+"""
+
+from pikv_press.moe.anatomy import MoEAnatomy, get_anatomy, language_model_of
+from pikv_press.moe.attention import AttentionLayout
+from pikv_press.moe.families import (
+    DENSE_FAMILIES,
+    MOE_FAMILIES,
+    AttentionKind,
+    FamilySpec,
+    RouterScoring,
+    family_for_config,
+    supported_families,
+)
+from pikv_press.moe.routing import Routing
+from pikv_press.moe.tap import RouterTap, RoutingRecord
+
+__all__ = [
+    "AttentionKind",
+    "AttentionLayout",
+    "DENSE_FAMILIES",
+    "FamilySpec",
+    "MOE_FAMILIES",
+    "MoEAnatomy",
+    "RouterScoring",
+    "RouterTap",
+    "Routing",
+    "RoutingRecord",
+    "family_for_config",
+    "get_anatomy",
+    "language_model_of",
+    "supported_families",
+]
