@@ -1,0 +1,182 @@
+"""Fast checks of the MoEfication (evaluation.embedded_model) on a tiny random Llama; real-model checks are slow."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from evaluation.embedded_model.moefy import (
+    MoEficationRecipe,
+    MoEfiedMLP,
+    balanced_kmeans,
+    build_glm4moe,
+    expert_output_norms,
+    install_reference_moe,
+    mlp_weights,
+    moefy,
+    neuron_activations,
+    router_logits,
+    topk_mask,
+)
+
+VOCAB = 256
+RECIPE = MoEficationRecipe(num_experts=8, top_k=2, shared_neurons=64, cluster_tokens=512, router_steps=100)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_ids(seed: int, batch: int = 8, length: int = 64) -> torch.Tensor:
+    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def splits(dense):
+    return moefy(dense, token_ids(1), RECIPE, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def moe(dense, splits):
+    return build_glm4moe(dense, splits, RECIPE)
+
+
+def test_config_and_shapes(dense, splits, moe):
+    config = moe.config
+    size = RECIPE.expert_size(dense.config.intermediate_size)
+    assert type(moe).__name__ == "Glm4MoeForCausalLM"
+    assert config.n_routed_experts == RECIPE.num_experts and config.num_experts_per_tok == RECIPE.top_k
+    assert config.moe_intermediate_size == size
+    assert config.n_shared_experts * size == RECIPE.shared_neurons
+    assert config.first_k_dense_replace == 0 and config.n_group == config.topk_group == 1
+    assert config.rope_parameters["partial_rotary_factor"] == 1.0
+    assert config.rope_parameters["rope_theta"] == dense.config.rope_parameters["rope_theta"]
+    assert config.routed_scaling_factor == RECIPE.top_k and config.norm_topk_prob
+    assert config.tie_word_embeddings == dense.config.tie_word_embeddings
+    assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()
+    hidden = dense.config.hidden_size
+    for layer, split in zip(moe.model.layers, splits, strict=True):
+        mlp = layer.mlp
+        assert mlp.experts.gate_up_proj.shape == (RECIPE.num_experts, 2 * size, hidden)
+        assert mlp.experts.down_proj.shape == (RECIPE.num_experts, hidden, size)
+        assert mlp.shared_experts.gate_proj.weight.shape == (RECIPE.shared_neurons, hidden)
+        assert mlp.gate.weight.shape == (RECIPE.num_experts, hidden)
+        # every FFN neuron lands in exactly one place: shared block or one expert (no copies of the FFN)
+        neurons = torch.cat([split.shared_idx, split.expert_idx.flatten()]).sort().values
+        assert torch.equal(neurons, torch.arange(dense.config.intermediate_size))
+    assert not any(p.is_meta for p in moe.parameters()) and not any(b.is_meta for b in moe.buffers())
+
+
+def test_balanced_kmeans_equal_sizes():
+    features = torch.randn(96, 20, generator=torch.Generator().manual_seed(0))
+    labels = balanced_kmeans(features, 6, iters=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels.bincount(minlength=6), torch.full((6,), 16))
+
+
+def test_deterministic_given_seed(dense, moe):
+    again = build_glm4moe(dense, moefy(dense, token_ids(1), RECIPE, seed=0, progress=False), RECIPE)
+    first, second = moe.state_dict(), again.state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_all_experts_reproduce_dense_ffn(dense, splits):
+    recipe = MoEficationRecipe(**{**RECIPE.__dict__, "top_k": RECIPE.num_experts})
+    full = build_glm4moe(dense, splits, recipe)
+    for layer in full.model.layers:  # a zero gate makes every sigmoid exactly 0.5, so every expert weight exactly 1
+        layer.mlp.gate.weight.data.zero_()
+    x = torch.randn(5, 7, dense.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for moe_layer, dense_layer in zip(full.model.layers, dense.model.layers, strict=True):
+            torch.testing.assert_close(moe_layer.mlp(x), dense_layer.mlp(x), rtol=1e-5, atol=1e-6)
+        ids = token_ids(3, batch=2, length=32)
+        torch.testing.assert_close(full(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_glm4moe_matches_reference_moe(dense, splits, moe):
+    """The exported Glm4Moe routes like the in-memory reference (same experts, weight ~1 per selected expert)."""
+    x = torch.randn(64, dense.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for layer, split, moe_layer in zip(dense.model.layers, splits, moe.model.layers, strict=True):
+            reference = MoEfiedMLP(layer.mlp, split, RECIPE.top_k, "router")
+            chosen, weights = moe_layer.mlp.route_tokens_to_experts(moe_layer.mlp.gate(x))
+            expected = topk_mask(router_logits(x, split.router_weight, split.router_bias), RECIPE.top_k)
+            got = torch.zeros_like(expected).scatter_(-1, chosen, True)
+            assert torch.equal(got, expected)
+            torch.testing.assert_close(weights, torch.ones_like(weights), rtol=0, atol=10 * RECIPE.gate_logit_scale)
+            torch.testing.assert_close(moe_layer.mlp(x), reference(x), rtol=1e-2, atol=1e-4)
+    ref_model = copy.deepcopy(dense)
+    install_reference_moe(ref_model, splits, RECIPE.top_k)
+    ids = token_ids(5, batch=2, length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, ref_model(ids).logits, rtol=1e-2, atol=1e-3)
+
+
+def test_saved_model_reloads_identically(moe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    moe.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(moe)
+    assert reloaded.config.rope_parameters["partial_rotary_factor"] == 1.0
+    ids = token_ids(6, batch=2, length=48)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, moe(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_router_recall_above_chance(dense, splits):
+    """On held-out tokens the router's top-k overlaps the activation oracle's top-k more than chance (k / E)."""
+    from evaluation.embedded_model.moefy import attention_block
+
+    ids = token_ids(7, batch=4, length=64)
+    hidden = dense.model.embed_tokens(ids)
+    layer, split = dense.model.layers[0], splits[0]
+    with torch.no_grad():
+        x = layer.post_attention_layernorm(attention_block(dense, layer, hidden, 4)).reshape(-1, hidden.shape[-1])
+        gate, up, down = mlp_weights(layer.mlp)
+        oracle = topk_mask(expert_output_norms(neuron_activations(x, gate, up), down, split.expert_idx), RECIPE.top_k)
+        chosen = topk_mask(router_logits(x, split.router_weight, split.router_bias), RECIPE.top_k)
+    recall = float((chosen & oracle).sum() / oracle.sum())
+    chance = RECIPE.top_k / RECIPE.num_experts
+    assert recall > chance + 0.1, (recall, chance)
+
+
+@pytest.mark.slow
+def test_real_model_two_layer_build(tmp_path):
+    """Build the real SmolLM2 recipe on 2 layers; the saved Glm4Moe equals the in-memory reference MoE."""
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.embedded_model.build import RECIPE as REAL
+    from evaluation.embedded_model.build import SPLITS_FILENAME, build, load_dense, load_splits
+
+    path = build(tmp_path / "moe", seed=0, num_layers=2)
+    moe = AutoModelForCausalLM.from_pretrained(path).eval()
+    dense, tokenizer = load_dense(num_layers=2)
+    reference = copy.deepcopy(dense)
+    install_reference_moe(reference, load_splits(path / SPLITS_FILENAME), REAL.top_k)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, reference(ids).logits, rtol=1e-2, atol=1e-2)
