@@ -57,8 +57,8 @@ def _olmoe():
 
 def _gpt_oss():
     # max_position_embeddings matching the default YaRN factor (32 x 4096) avoids a config warning
-    return GptOssConfig(**{**COMMON, "max_position_embeddings": 131072}, num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
-                        num_experts_per_tok=2, sliding_window=8,
+    return GptOssConfig(**{**COMMON, "max_position_embeddings": 131072}, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
                         layer_types=["sliding_attention", "full_attention", "full_attention"])
 
 

@@ -86,7 +86,7 @@ class AttentionLayout:
         return torch.cat([a, passive[:half], b, passive[half:]])
 
     def canonical_rope(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of shape ``(batch, seq, qk_dim)`` for ``q * cos + rotate_half(q) * sin`` in canonical layout."""
+        """Full-width ``(cos, sin)`` ``(batch, seq, qk_dim)`` for ``q * cos + rotate_half(q) * sin`` (canonical)."""
         cos, sin, a, b = self.rope_angles(position_embeddings)
         if self._order is None:
             self._set_order(self._canonical_order(a, b))

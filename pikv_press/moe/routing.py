@@ -60,9 +60,10 @@ def route(
     config : the text config (for ``norm_topk_prob`` on softmax families).
     """
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    # Routers are called through .forward: hooks and output recorders (output_router_logits) must not see our calls.
     scoring = spec.scoring
     if scoring == RouterScoring.SOFTMAX:
-        out = router(x)
+        out = router.forward(x)
         if isinstance(out, tuple):  # transformers 5.x TopKRouter: (probabilities, weights, ids)
             probs, weights, ids = out
             probs = probs.float()
@@ -73,7 +74,7 @@ def route(
                 weights = weights / weights.sum(dim=-1, keepdim=True)
         selection = probs
     elif scoring == RouterScoring.SOFTMAX_TOPK:
-        out = router(x)
+        out = router.forward(x)
         logits = out[-1] if spec.name == "granitemoe" else out[0]
         logits = logits.float()
         if spec.name == "granitemoe":  # GraniteMoeTopKGating returns sorted dispatch tensors; recompute the routing
@@ -84,7 +85,7 @@ def route(
         probs = F.softmax(logits, dim=-1)
         selection = logits
     elif scoring == RouterScoring.SIGMOID_GROUPED:
-        logits = router(x).float()
+        logits = router.forward(x).float()
         ids, weights = moe_block.route_tokens_to_experts(logits)
         probs = logits.sigmoid()
         selection = probs + router.e_score_correction_bias.float()
@@ -94,7 +95,7 @@ def route(
         probs = logits.softmax(dim=-1)
         selection = probs
     elif scoring == RouterScoring.SPARSEMIXER:
-        logits, weights, ids = router(x)
+        logits, weights, ids = router.forward(x)
         logits = logits.float()
         probs = F.softmax(logits, dim=-1)
         selection = logits

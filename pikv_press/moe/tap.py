@@ -117,8 +117,9 @@ class RouterTap:
         self.max_tokens = max_tokens
         self.predict = predict
         self.keep_probs = keep_probs
-        self._actual: dict[int, _Buffer] = {}
-        self._predicted: dict[int, _Buffer] = {}
+        # Records accumulate over every `with` block of this tap (make a new tap to start afresh).
+        self._actual = {idx: _Buffer(max_tokens, keep_probs) for idx in self.anatomy.moe_layers}
+        self._predicted = {idx: _Buffer(max_tokens, keep_probs) for idx in self.anatomy.moe_layers} if predict else {}
         self._hooks: list = []
 
     # -- context manager -------------------------------------------------------------------------------------------
@@ -127,11 +128,9 @@ class RouterTap:
             raise RuntimeError("This RouterTap is already active.")
         try:
             for idx in self.anatomy.moe_layers:
-                self._actual[idx] = _Buffer(self.max_tokens, self.keep_probs)
                 block = self.anatomy.moe_block(idx)
                 self._hooks.append(block.register_forward_pre_hook(self._actual_hook(idx), with_kwargs=True))
                 if self.predict:
-                    self._predicted[idx] = _Buffer(self.max_tokens, self.keep_probs)
                     attention = self.anatomy.attention(idx)
                     self._hooks.append(
                         attention.register_forward_pre_hook(self._predicted_hook(idx), with_kwargs=True)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models of every family, built once per session, and the tiny tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import pikv_press  # noqa: E402,F401  (installs the kvpress compat layer)
+from tests.tiny_models import MOE_FAMILY_NAMES, build_model, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+warnings.filterwarnings("ignore", message=".*not tested, supported models.*")
+logging.getLogger("kvpress").setLevel(logging.ERROR)
+
+_MODELS: dict = {}
+
+
+def get_model(family: str, attn_implementation: str | None = None):
+    """A cached tiny model (do not modify its weights in a test)."""
+    key = (family, attn_implementation)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(family, attn_implementation=attn_implementation)
+    return _MODELS[key]
+
+
+@pytest.fixture(params=MOE_FAMILY_NAMES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return get_model(family)
+
+
+@pytest.fixture
+def eager_model(family):
+    return get_model(family, "eager")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
