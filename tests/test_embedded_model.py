@@ -180,3 +180,24 @@ def test_real_model_two_layer_build(tmp_path):
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, reference(ids).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_reference_stats_and_random_grouping(dense, splits):
+    from evaluation.embedded_model.quality import random_grouping, routing_stats
+
+    shuffled = random_grouping(splits, seed=0)
+    for split, other in zip(splits, shuffled, strict=True):
+        assert torch.equal(split.shared_idx, other.shared_idx)
+        assert torch.equal(split.expert_idx.flatten().sort().values, other.expert_idx.flatten().sort().values)
+        assert not torch.equal(split.expert_idx, other.expert_idx)
+    model = copy.deepcopy(dense)
+    modules = install_reference_moe(model, splits, RECIPE.top_k, "router")
+    for module in modules:
+        module.stats = {}
+    with torch.no_grad():
+        model(token_ids(8, batch=2, length=32))
+    stats = routing_stats(modules, dense.config.intermediate_size)
+    size = RECIPE.expert_size(dense.config.intermediate_size)
+    expected_active = (RECIPE.shared_neurons + RECIPE.top_k * size) / dense.config.intermediate_size
+    assert stats["active_neuron_share"] == pytest.approx(expected_active)
+    assert 0 <= stats["router_recall_mean"] <= 1 and stats["expert_load_max_over_uniform_mean"] >= 1

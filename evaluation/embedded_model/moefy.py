@@ -266,7 +266,8 @@ class MoEfiedMLP(nn.Module):
 
     ``mode``: ``"router"`` (fitted router), ``"oracle"`` (top-k by expert output norm), ``"dense"`` (all neurons).
     Computes all neuron activations and masks the unselected experts (exact semantics, dense cost).  When
-    ``stats`` is a dict, accumulates expert selection counts and active-neuron counts into it.
+    ``stats`` is a dict, accumulates into it expert selection counts, active-neuron counts and the overlap of the
+    selection with the oracle top-k (``oracle_hits`` / ``oracle_selected`` is the router's recall).
     """
 
     def __init__(self, mlp: nn.Module, split: LayerSplit, top_k: int, mode: str = "router") -> None:
@@ -305,9 +306,15 @@ class MoEfiedMLP(nn.Module):
         neuron_mask = keep[:, self.owner]  # owner -1 indexes the last (shared) column
         out = (acts * neuron_mask) @ self.down.T
         if self.stats is not None:
-            self.stats["expert_counts"] = self.stats.get("expert_counts", 0) + selected.sum(0)
-            self.stats["tokens"] = self.stats.get("tokens", 0) + x.shape[0]
-            self.stats["active_neurons"] = self.stats.get("active_neurons", 0) + neuron_mask.sum()
+            oracle = topk_mask(expert_output_norms(acts, self.down, self.split.expert_idx), self.top_k)
+            for key, value in (
+                ("expert_counts", selected.sum(0)),
+                ("tokens", x.shape[0]),
+                ("active_neurons", neuron_mask.sum()),
+                ("oracle_hits", (selected & oracle).sum()),
+                ("oracle_selected", oracle.sum()),
+            ):
+                self.stats[key] = self.stats.get(key, 0) + value
         return out.reshape(shape).to(hidden_states.dtype)
 
 
