@@ -14,7 +14,10 @@ the right thing on the MoE families of :mod:`pikv_press.moe`:
   Where the cached keys are not in that layout (GLM-4-MoE partial RoPE, DeepSeek MLA, whose values are also narrower
   than keys) the cache layer is put in canonical layout for the duration of the press's hook and restored after,
   also when the hook raises.
-* ``ExpectedAttentionPress.score`` counts attention sinks (GPT-OSS) in its softmax.
+* ``ExpectedAttentionPress.score`` and ``SnapKVPress.compute_window_attention`` (SnapKV, PyramidKV, TOVA) count
+  attention sinks (GPT-OSS) in their softmax.
+* ``ComposedPress`` hands later presses no attention weights once an earlier press has pruned keys (the weights
+  describe keys that are gone); they recompute them from queries.
 * Ragged caches decode correctly: transformers builds one attention mask per forward pass from the length of the
   first layer's cache, which is wrong for layers that hold fewer (PyramidKV budgets) or more (uncompressed
   sliding-window layers of GPT-OSS) tokens; it then crashes on a shape mismatch or, in eager attention, masks the
@@ -34,13 +37,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from kvpress import AdaKVPress, BasePress, ExpectedAttentionPress
+from kvpress import AdaKVPress, BasePress, ComposedPress, ExpectedAttentionPress, SnapKVPress
 from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from torch.nn import functional as F
 from transformers import QuantizedCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-from transformers.models.llama.modeling_llama import repeat_kv
+from kvpress.utils import get_prerope_query_states
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from pikv_press.moe import AttentionLayout, MoEAnatomy, get_anatomy, language_model_of
 
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 _ORIGINAL_CALL = BasePress.__call__
 _ORIGINAL_EXPECTED_ATTENTION_SCORE = ExpectedAttentionPress.score
+_ORIGINAL_WINDOW_ATTENTION = SnapKVPress.__dict__["compute_window_attention"]
 _installed = False
 
 
@@ -161,6 +166,23 @@ def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
         )
 
 
+def _run_press(press: BasePress, view: AttentionView, args: tuple, kwargs: dict, output: Any) -> Any:
+    if not isinstance(press, ComposedPress):
+        return press.forward_hook(view, args, kwargs, output)
+    # ComposedPress.forward_hook, except that attention weights are dropped once keys have been pruned.
+    layer = kwargs["past_key_values"].layers[view.layer_idx]
+    inner_output, retained = output, 1.0
+    for inner in press.presses:
+        before = layer.keys.shape[2]
+        inner_output = inner.forward_hook(view, args, kwargs, inner_output)
+        pruned = layer.keys.shape[2] != before
+        if pruned and isinstance(inner_output, tuple) and len(inner_output) > 1 and inner_output[1] is not None:
+            inner_output = (inner_output[0], None, *inner_output[2:])
+        retained *= 1 - inner.compression_ratio
+    press.compression_ratio = 1 - retained
+    return output
+
+
 def _make_hook(press: BasePress, layout: AttentionLayout, view: AttentionView):
     default_hook = type(press).forward_hook is BasePress.forward_hook
 
@@ -175,7 +197,7 @@ def _make_hook(press: BasePress, layout: AttentionLayout, view: AttentionView):
             default_hook and not is_prefilling(kwargs["cache_position"], q_len)
         )
         if not transform:
-            return press.forward_hook(view, args, press_kwargs, output)
+            return _run_press(press, view, args, press_kwargs, output)
         if isinstance(cache, QuantizedCache):
             raise ValueError(
                 f"{type(module).__name__} stores keys in a layout that kvpress cannot score in place (partial or "
@@ -185,7 +207,7 @@ def _make_hook(press: BasePress, layout: AttentionLayout, view: AttentionView):
         layer.keys = layout.keys_to_canonical(layer.keys)
         layer.values = layout.values_to_canonical(layer.values)
         try:
-            return press.forward_hook(view, args, press_kwargs, output)
+            return _run_press(press, view, args, press_kwargs, output)
         finally:
             layer.keys = layout.keys_from_canonical(layer.keys)
             layer.values = layout.values_from_canonical(layer.values)
@@ -318,6 +340,27 @@ def _expected_attention_score(self, module, hidden_states, keys, values, attenti
     return F.pad(scores, (self.n_sink, 0), value=scores.max().item() + 1)
 
 
+def _window_attention(module, hidden_states, keys, window_size, position_embeddings):
+    """``SnapKVPress.compute_window_attention`` with attention sinks in the softmax (GPT-OSS).
+
+    Attention weights of the last ``window_size`` queries over the keys before the window,
+    ``(batch, heads, window_size, k_len - window_size)``.
+    """
+    sinks = getattr(module, "sinks", None)
+    if sinks is None:
+        return _ORIGINAL_WINDOW_ATTENTION.__func__(module, hidden_states, keys, window_size, position_embeddings)
+    bsz, num_kv_heads, k_len, head_dim = keys.shape
+    groups = module.config.num_attention_heads // num_kv_heads
+    query = get_prerope_query_states(module, hidden_states[:, -window_size:])  # (b, heads, window, d)
+    cos, sin = (t[:, -window_size:].unsqueeze(1) for t in position_embeddings)
+    query = query * cos + rotate_half(query) * sin
+    logits = torch.matmul(query, repeat_kv(keys, groups).transpose(2, 3)) / math.sqrt(head_dim)
+    causal = torch.full_like(logits, float("-inf")).triu(diagonal=k_len - window_size + 1)
+    sink_logits = sinks.to(logits.dtype).view(1, -1, 1, 1).expand(bsz, -1, window_size, 1)
+    weights = F.softmax(torch.cat([logits + causal, sink_logits], dim=-1), dim=-1, dtype=torch.float32)
+    return weights[..., :-1].to(query.dtype)[..., :-window_size]
+
+
 def install() -> None:
     """Make kvpress presses MoE-aware (idempotent). Called on ``import pikv_press``."""
     global _installed
@@ -325,6 +368,7 @@ def install() -> None:
         return
     BasePress.__call__ = _moe_aware_call
     ExpectedAttentionPress.score = _expected_attention_score
+    SnapKVPress.compute_window_attention = staticmethod(_window_attention)
     _installed = True
     logger.debug("pikv-press: kvpress presses are now MoE-aware")
 
@@ -334,6 +378,7 @@ def uninstall() -> None:
     global _installed
     BasePress.__call__ = _ORIGINAL_CALL
     ExpectedAttentionPress.score = _ORIGINAL_EXPECTED_ATTENTION_SCORE
+    SnapKVPress.compute_window_attention = _ORIGINAL_WINDOW_ATTENTION
     _installed = False
 
 

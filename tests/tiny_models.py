@@ -32,7 +32,8 @@ VOCAB = 320
 HIDDEN = 64
 LAYERS = 3
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-              max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+              max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+              pad_token_id=None)  # no padding_idx: a zero embedding row would give all-zero queries
 
 
 def _qwen3_moe():
