@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from kvpress import AdaKVPress, BasePress, ComposedPress, ExpectedAttentionPress, SnapKVPress
 from kvpress.presses.base_press import is_prefilling
+from kvpress.utils import get_prerope_query_states
 from torch import nn
 from torch.nn import functional as F
 from transformers import QuantizedCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-from kvpress.utils import get_prerope_query_states
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from pikv_press.moe import AttentionLayout, MoEAnatomy, get_anatomy, language_model_of

@@ -316,7 +316,7 @@ def test_dense_models_keep_kvpress_behaviour():
         without = _prefill(model, ids, SnapKVPress(RATIO, window_size=4))
     finally:
         pikv_press.install_kvpress_compat()
-    for a, b in zip(with_compat.layers, without.layers):
+    for a, b in zip(with_compat.layers, without.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys)
 
 

@@ -51,7 +51,7 @@ def test_tap_matches_output_router_logits(family):
         out = model(_ids(20), output_router_logits=True)
     anatomy = get_anatomy(model)
     assert len(out.router_logits) == len(anatomy.moe_layers)
-    for idx, reference in zip(anatomy.moe_layers, out.router_logits):
+    for idx, reference in zip(anatomy.moe_layers, out.router_logits, strict=True):
         reference = reference.float()
         if ROUTER_OUTPUTS[family] == "logits":
             reference = torch.softmax(reference, dim=-1)
