@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import pikv_press  # noqa: E402,F401  (installs the kvpress compat layer)
-from tests.tiny_models import MOE_FAMILY_NAMES, build_model, build_tokenizer  # noqa: E402
+from pikv_press.testing import MOE_FAMILY_NAMES, build_model, build_tokenizer  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and threads spinning against other work cost up to 30x.
 torch.set_num_threads(1)

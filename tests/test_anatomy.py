@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config
 
 from pikv_press import get_anatomy
 from pikv_press.moe import MOE_FAMILIES, RouterScoring, family_for_config
+from pikv_press.testing import MOE_CONFIGS, MOE_FAMILY_NAMES
 from tests.conftest import get_model
-from tests.tiny_models import MOE_CONFIGS, MOE_FAMILY_NAMES
 
-# What each tiny config declares (see tests/tiny_models.py), checked against what the anatomy reads off the model.
+# What each tiny config declares (see pikv_press/testing.py), checked against what the anatomy reads off the model.
 EXPECTED = {
     #               moe layers, experts, top-k, shared neurons, scoring
     "qwen3_moe": ((1, 2), 8, 2, 0, RouterScoring.SOFTMAX),

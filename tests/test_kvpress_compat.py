@@ -26,8 +26,8 @@ from transformers import DynamicCache, pipeline
 import pikv_press
 from pikv_press import AttentionLayout, AttentionView, get_anatomy
 from pikv_press.compat import _ORIGINAL_EXPECTED_ATTENTION_SCORE
+from pikv_press.testing import MOE_FAMILY_NAMES, TRAINING_TEXT, VOCAB, build_model
 from tests.conftest import get_model
-from tests.tiny_models import MOE_FAMILY_NAMES, TRAINING_TEXT, VOCAB, build_model
 
 RATIO = 0.5
 SEQ = 32
@@ -132,7 +132,7 @@ def test_generate_under_press(family, model, press_name):
 
 @pytest.fixture(scope="module")
 def pipes():
-    from tests.tiny_models import build_tokenizer
+    from pikv_press.testing import build_tokenizer
 
     tokenizer = build_tokenizer()
     return {f: pipeline("kv-press-text-generation", model=get_model(f), tokenizer=tokenizer) for f in MOE_FAMILY_NAMES}

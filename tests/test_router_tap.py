@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pikv_press import RouterTap, get_anatomy
+from pikv_press.testing import VOCAB
 from tests.conftest import get_model
-from tests.tiny_models import VOCAB
 
 # Families whose models return per-layer router outputs with output_router_logits=True, and what those are.
 ROUTER_OUTPUTS = {
