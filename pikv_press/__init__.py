@@ -10,11 +10,13 @@ Public API
   GLM-4-MoE, Granite-MoE, PhiMoE; dense models are accepted and have no router).
 - :class:`RouterTap`: records actual and predicted routing of every MoE layer, in prefill and decoding.
 - :class:`AttentionLayout` and :class:`AttentionView`: exact queries, keys and RoPE of each family in kvpress's layout.
+- :func:`cache_nbytes` / :func:`cache_lengths`: bytes of storage and tokens per layer a KV cache really holds.
 - :func:`install_kvpress_compat` / :func:`uninstall_kvpress_compat`: turn the kvpress integration on or off.
 """
 
 import kvpress as _kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
 
+from pikv_press.cache import cache_lengths, cache_nbytes
 from pikv_press.compat import AttentionView, check_press_supported
 from pikv_press.compat import install as install_kvpress_compat
 from pikv_press.compat import uninstall as uninstall_kvpress_compat
@@ -41,6 +43,8 @@ __all__ = [
     "RouterTap",
     "Routing",
     "RoutingRecord",
+    "cache_lengths",
+    "cache_nbytes",
     "check_press_supported",
     "get_anatomy",
     "install_kvpress_compat",
