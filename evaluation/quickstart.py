@@ -1,0 +1,89 @@
+"""Quickstart (the job ``make demo`` runs until the evaluation harness lands).
+
+    python -m evaluation.quickstart [--length 2048] [--depths 10,50,90] [--ratio 0.5] [--presses knorm,snapkv,...]
+
+Loads the embedded MoE (SmolLM2-135M-Instruct MoEfied into a GLM-4-MoE container; built offline into ``.cache/`` on
+first use), hides a needle in Paul Graham essays at a few depths, and answers through
+``pipeline("kv-press-text-generation")`` with the full cache and with kvpress presses (made MoE-aware by
+``import pikv_press``). Prints, per press, the tokens and bytes the cache really holds after compression, and the
+answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+
+import torch
+from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from tqdm.auto import tqdm
+from transformers import DynamicCache, pipeline
+
+from pikv_press import cache_lengths, cache_nbytes, get_anatomy
+
+PRESSES = {
+    "knorm": KnormPress,
+    "snapkv": SnapKVPress,
+    "streaming_llm": StreamingLLMPress,
+    "expected_attention": ExpectedAttentionPress,
+    "tova": TOVAPress,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
+    parser.add_argument("--depths", default="10,50,90", help="needle depths in percent of the context")
+    parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of every press")
+    parser.add_argument("--presses", default=",".join(PRESSES), help=f"comma-separated, from {list(PRESSES)}")
+    args = parser.parse_args(argv)
+    if not 0 <= args.ratio < 1:
+        parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
+    unknown = [p for p in args.presses.split(",") if p not in PRESSES]
+    if unknown:
+        parser.error(f"unknown presses {unknown}; choose from {list(PRESSES)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("kvpress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*not tested.*")
+
+    from evaluation.data import build_niah
+    from evaluation.embedded_model.build import load_embedded_model
+
+    start = time.time()
+    model, tokenizer = load_embedded_model()
+    print(f"model: {get_anatomy(model).describe()} (ready in {time.time() - start:.0f} s)")
+    depths = [float(d) for d in args.depths.split(",")]
+    samples = build_niah([args.length], depths, tokenizer)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+
+    configs = [("full cache", None)] + [(name, PRESSES[name]) for name in args.presses.split(",")]
+    rows = []
+    for name, press_cls in tqdm(configs, desc="presses"):
+        correct, tokens, nbytes, answers = 0, [], [], []
+        for sample in samples.itertuples():
+            press = None if press_cls is None else press_cls(compression_ratio=args.ratio)
+            cache = DynamicCache()
+            with torch.no_grad():
+                answer = pipe(sample.context, question=sample.question, answer_prefix=sample.answer_prefix,
+                              press=press, max_new_tokens=sample.max_new_tokens, cache=cache)["answer"]
+            correct += any(a.lower() in answer.lower() for a in sample.answer)
+            tokens.append(sum(cache_lengths(cache)) / len(cache.layers))
+            nbytes.append(cache_nbytes(cache))
+            answers.append(answer.strip().replace("\n", " ")[:40])
+        rows.append((name, sum(tokens) / len(tokens), sum(nbytes) / len(nbytes) / 2**20, correct, answers))
+
+    expected = samples.iloc[0]["answer"][0]
+    print(f"\nNeedle at depths {depths} of a {args.length}-token prompt; expected answer: {expected!r}; "
+          f"compression ratio {args.ratio}\n")
+    print("| press | cache tokens per layer | KV cache MiB | correct | answers |")
+    print("|---|---|---|---|---|")
+    for name, tokens, mib, correct, answers in rows:
+        print(f"| {name} | {tokens:.0f} | {mib:.2f} | {correct}/{len(samples)} | {' / '.join(answers)} |")
+    print(f"\ntotal {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
