@@ -137,3 +137,29 @@ def test_topk_is_sorted_best_first(family, model):
         selection = routing.probs
     picked = selection.gather(1, routing.topk_ids)
     assert torch.all(picked[:, :-1] >= picked[:, 1:])
+
+
+def test_transformers_4_layout_is_understood():
+    """transformers 4.x Mixtral: MoE block under `block_sparse_moe`, its gate a plain nn.Linear returning logits."""
+    import copy
+
+    from torch import nn
+
+    model = copy.deepcopy(get_model("mixtral"))
+    reference = get_anatomy(get_model("mixtral"))
+    x = torch.randn(6, model.config.hidden_size)
+    for layer in model.model.layers:
+        block = layer.mlp
+        gate = nn.Linear(model.config.hidden_size, block.gate.num_experts, bias=False)
+        gate.weight.data.copy_(block.gate.weight.data)
+        legacy = nn.Module()
+        legacy.gate = gate
+        del layer.mlp
+        layer.block_sparse_moe = legacy
+    anatomy = get_anatomy(model)
+    assert anatomy.moe_layers == reference.moe_layers
+    for idx in anatomy.moe_layers:
+        ours, expected = anatomy.route(idx, x), reference.route(idx, x)
+        torch.testing.assert_close(ours.probs, expected.probs)
+        torch.testing.assert_close(ours.topk_ids, expected.topk_ids)
+        torch.testing.assert_close(ours.topk_weights, expected.topk_weights)
