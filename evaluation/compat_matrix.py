@@ -6,6 +6,8 @@ Each cell compresses a 64-token prefill under ``with press(model)``, then answer
 ``pipeline("kv-press-text-generation")`` from the compressed cache. It shows ``ok`` with the cache length of the last
 compressed layer (``kept/64``), or the error. The last column is the largest difference between the attention
 weights kvpress's scorers compute (through pikv-press's attention view) and the model's own eager attention weights.
+A second table gives the router tap's agreement between predicted routing (each layer's router applied to the
+attention input) and actual routing on the same 64 random tokens: random weights, so it only shows the tap at work.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kvpress import (
 )
 from transformers import DynamicCache, pipeline
 
-from pikv_press import AttentionLayout, AttentionView, get_anatomy
+from pikv_press import AttentionLayout, AttentionView, RouterTap, get_anatomy
 from pikv_press.testing import MOE_FAMILY_NAMES, TRAINING_TEXT, VOCAB, build_model, build_tokenizer
 
 PRESSES = {
@@ -69,6 +71,14 @@ def attention_error(family: str) -> float:
     return max(errors)
 
 
+def routing_agreement(model) -> tuple[float, float, float]:
+    """(top-1 agreement, top-k recall, chance top-1) of predicted vs actual routing on random tokens."""
+    anatomy = get_anatomy(model)
+    with RouterTap(model) as tap, torch.no_grad():
+        model(torch.randint(5, VOCAB, (1, SEQ)))
+    return tap.top1_agreement(), tap.topk_recall(), 1.0 / anatomy.num_experts
+
+
 def run_cell(model, pipe, press_factory, ratio: float) -> str:
     anatomy = get_anatomy(model)
     try:
@@ -100,15 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     header = ["family", *PRESSES, "max attention error"]
-    rows = []
+    rows, routing_rows = [], []
     start = time.time()
     for family in MOE_FAMILY_NAMES:
         model = build_model(family)
         pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
         cells = [run_cell(model, pipe, factory, args.ratio) for factory in PRESSES.values()]
         rows.append([family, *cells, f"{attention_error(family):.1e}"])
+        top1, recall, chance = routing_agreement(model)
+        top_k = get_anatomy(model).top_k
+        routing_rows.append([family, f"{top1:.2f}", f"{chance:.2f}", f"{recall:.2f} (top-{top_k})"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "| family | predicted vs actual top-1 agreement | chance | top-k recall |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in routing_rows]
     table = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
