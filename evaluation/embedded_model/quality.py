@@ -221,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retrieval-samples", type=int, default=12, help="0 skips retrieval")
     parser.add_argument("--retrieval-length", type=int, default=2048)
     parser.add_argument("--retrieval-task", default="niah_single_2")
+    parser.add_argument("--retrieval-new-tokens", type=int, default=16, help="greedy tokens decoded per sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-grouping ablation")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the oracle-routing / random-grouping rows")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -260,9 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dense", dense, None, None),
         ("MoE (saved Glm4Moe, router)", moe, None, None),
         ("MoE reference (in-memory, router)", reference, modules, "router"),
-        ("MoE clustered experts, oracle routing", reference, modules, "oracle"),
-        ("random experts, oracle routing", randomized, random_modules, "oracle"),
     ]
+    if not args.no_ablation:
+        variants += [
+            ("MoE clustered experts, oracle routing", reference, modules, "oracle"),
+            ("random experts, oracle routing", randomized, random_modules, "oracle"),
+        ]
     for name, model, mods, mode in variants:
         ppl[name] = {}
         for domain, windows in domains.items():
@@ -296,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.retrieval_samples > 0:
         frame = retrieval_samples(tokenizer, args.retrieval_length, args.retrieval_samples, args.retrieval_task)
-        dense_score, dense_answers = retrieval_score(dense, tokenizer, frame)
-        moe_score, moe_answers = retrieval_score(moe, tokenizer, frame)
+        dense_score, dense_answers = retrieval_score(dense, tokenizer, frame, args.retrieval_new_tokens)
+        moe_score, moe_answers = retrieval_score(moe, tokenizer, frame, args.retrieval_new_tokens)
         report["retrieval"] = {
             "task": args.retrieval_task,
             "length": args.retrieval_length,
