@@ -3,9 +3,11 @@
     python -m evaluation.quickstart [--length 2048] [--depths 10,50,90] [--ratio 0.5] [--presses knorm,snapkv,...]
 
 Loads the embedded MoE (SmolLM2-135M-Instruct MoEfied into a GLM-4-MoE container; built offline into ``.cache/`` on
-first use), hides a needle in Paul Graham essays at a few depths, and answers through
-``pipeline("kv-press-text-generation")`` with the full cache and with kvpress presses (made MoE-aware by
-``import pikv_press``). Prints, per press, the tokens and bytes the cache really holds after compression, and the
+first use), hides a needle in Paul Graham essays at a few depths, and answers with the full cache and with kvpress
+presses (made MoE-aware by ``import pikv_press``), the way ``pipeline("kv-press-text-generation")`` does. Each context
+is prefilled once: :class:`pikv_press.prefill.PrefillRecorder` records it and every press is replayed on the record
+(identical caches to ``with press(model)``, see ``tests/test_prefill_replay.py``), so a press costs its scoring and
+its answer, not a prefill. Prints, per press, the tokens and bytes the cache really holds after compression, and the
 answers.
 """
 
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
 from pikv_press import cache_lengths, cache_nbytes, get_anatomy
+from pikv_press.prefill import PrefillRecorder
 
 PRESSES = {
     "knorm": KnormPress,
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default="10,50,90", help="needle depths in percent of the context")
     parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of every press")
     parser.add_argument("--presses", default=",".join(PRESSES), help=f"comma-separated, from {list(PRESSES)}")
+    parser.add_argument("--model-dir", default=None, help="a saved model (default: the embedded MoE, built once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if not 0 <= args.ratio < 1:
         parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
@@ -51,28 +56,40 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.data import build_niah
     from evaluation.embedded_model.build import load_embedded_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
-    model, tokenizer = load_embedded_model()
+    model, tokenizer = load_embedded_model(args.model_dir)
     print(f"model: {get_anatomy(model).describe()} (ready in {time.time() - start:.0f} s)")
     depths = [float(d) for d in args.depths.split(",")]
     samples = build_niah([args.length], depths, tokenizer)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
 
     configs = [("full cache", None)] + [(name, PRESSES[name]) for name in args.presses.split(",")]
-    rows = []
-    for name, press_cls in tqdm(configs, desc="presses"):
-        correct, tokens, nbytes, answers = 0, [], [], []
-        for sample in samples.itertuples():
+    results = {name: {"correct": 0, "tokens": [], "bytes": [], "answers": []} for name, _ in configs}
+    for sample in tqdm(list(samples.itertuples()), desc="samples"):
+        inputs = pipe.preprocess(sample.context, [sample.question], sample.answer_prefix, 10**9)
+        context_ids = inputs["context_ids"].to(model.device)
+        with torch.no_grad(), PrefillRecorder(model) as recorder:  # the one prefill of this context
+            model.model(input_ids=context_ids, past_key_values=DynamicCache())
+        for name, press_cls in configs:
             press = None if press_cls is None else press_cls(compression_ratio=args.ratio)
-            cache = DynamicCache()
             with torch.no_grad():
-                answer = pipe(sample.context, question=sample.question, answer_prefix=sample.answer_prefix,
-                              press=press, max_new_tokens=sample.max_new_tokens, cache=cache)["answer"]
-            correct += any(a.lower() in answer.lower() for a in sample.answer)
-            tokens.append(sum(cache_lengths(cache)) / len(cache.layers))
-            nbytes.append(cache_nbytes(cache))
-            answers.append(answer.strip().replace("\n", " ")[:40])
-        rows.append((name, sum(tokens) / len(tokens), sum(nbytes) / len(nbytes) / 2**20, correct, answers))
+                cache = recorder.snapshot.replay(press)
+                tokens, nbytes = sum(cache_lengths(cache)) / len(cache.layers), cache_nbytes(cache)
+                answer = pipe.generate_answer(inputs["questions_ids"][0].to(model.device), cache,
+                                              context_ids.shape[1], sample.max_new_tokens)
+            result = results[name]
+            result["correct"] += any(a.lower() in answer.lower() for a in sample.answer)
+            result["tokens"].append(tokens)
+            result["bytes"].append(nbytes)
+            result["answers"].append(answer.strip().replace("\n", " ")[:40])
+        del recorder
+    rows = [
+        (name, sum(r["tokens"]) / len(r["tokens"]), sum(r["bytes"]) / len(r["bytes"]) / 2**20, r["correct"],
+         r["answers"])
+        for name, r in results.items()
+    ]
 
     expected = samples.iloc[0]["answer"][0]
     print(f"\nNeedle at depths {depths} of a {args.length}-token prompt; expected answer: {expected!r}; "
