@@ -69,6 +69,10 @@ class PrefillSnapshot:
     def replay(self, press: BasePress | None) -> DynamicCache:
         """The cache ``press`` would have produced during the recorded prefill (a fresh copy; ``None``: full cache)."""
         cache = self.full_cache()
+        language_model = language_model_of(self.model)
+        for layer in language_model.layers:  # head-wise masks of a previous replay (AdaKV) must not leak
+            if getattr(layer.self_attn, "masked_key_indices", None) is not None:
+                layer.self_attn.masked_key_indices = None
         if press is None:
             return cache
         if not can_replay(press):
@@ -80,7 +84,6 @@ class PrefillSnapshot:
         if anatomy is not None:
             compat.check_press_supported(press, anatomy)
         press.post_init_from_model(self.model)
-        language_model = language_model_of(self.model)
         compressible = anatomy.compressible_layers if anatomy is not None else range(self.num_layers)
         with torch.no_grad():
             for idx in compressible:

@@ -94,6 +94,16 @@ def test_replayed_answers_equal_pipeline_answers(family):
         assert answer == expected, name
 
 
+def test_adakv_masks_do_not_leak_into_the_next_replay():
+    model = get_model("qwen3_moe")
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=_ids(), past_key_values=DynamicCache())
+    recorder.snapshot.replay(PRESSES["adakv"]())
+    assert any(m is not None for m in _masks(model))
+    recorder.snapshot.replay(PRESSES["knorm"]())
+    assert all(m is None for m in _masks(model))
+
+
 def test_presses_that_cannot_be_replayed():
     model = get_model("qwen3_moe")
     with torch.no_grad(), PrefillRecorder(model) as recorder:
