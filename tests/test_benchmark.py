@@ -1,0 +1,101 @@
+"""The speed and memory benchmark on a tiny random Qwen3-MoE: row fields, exact KV bytes, decoding, CSV and PNG."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from evaluation.benchmark import COLUMNS, PeakMemory, context_ids, main, measure, random_context_ids
+from evaluation.registry import make_press
+from tests.conftest import get_model
+
+FIELDS = {
+    "context_length", "prefill_s", "first_token_s", "ttft_s", "decode_tokens", "decode_s", "decode_ms_per_token",
+    "peak_mem_mib", "peak_total_mib", "mem_method", "kv_cache_bytes", "kv_cache_mib", "kv_tokens_per_layer",
+    "kv_tokens_min", "kv_tokens_max", "kv_layer_tokens", "generated_ids",
+}
+
+
+def _expected_kv_bytes(model, lengths: list[int]) -> int:
+    """Keys and values of every layer: 2 x kv_heads x tokens x head_dim x element size (batch 1)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return sum(2 * config.num_key_value_heads * n * head_dim * itemsize for n in lengths)
+
+
+def test_measure_row_has_every_field_and_decodes(tokenizer):
+    model = get_model("qwen3_moe")
+    ids = random_context_ids(tokenizer, 96)
+    row = measure(model, tokenizer, None, ids, decode_tokens=4)
+    assert FIELDS <= set(row)
+    assert set(COLUMNS) - set(row) == {"model", "device", "dtype", "threads", "press", "compression_ratio",
+                                       "context", "repeat"}  # filled in by run_benchmark
+    for key in ("prefill_s", "first_token_s", "ttft_s", "decode_s", "decode_ms_per_token", "peak_total_mib"):
+        assert row[key] > 0, key
+    assert row["peak_mem_mib"] >= 0
+    assert row["ttft_s"] == row["prefill_s"] + row["first_token_s"]
+    assert row["decode_tokens"] == 4
+    assert len(row["generated_ids"]) == 1 + 4  # the first token from the prefill, then one per decoding step
+    assert all(0 <= t < model.config.vocab_size for t in row["generated_ids"])
+    n_layers = model.config.num_hidden_layers
+    assert row["kv_layer_tokens"] == " ".join(["96"] * n_layers)
+    assert row["kv_tokens_per_layer"] == row["kv_tokens_min"] == row["kv_tokens_max"] == 96
+    assert row["kv_cache_bytes"] == _expected_kv_bytes(model, [96] * n_layers)
+
+
+def test_half_press_halves_kv_bytes_exactly(tokenizer):
+    model = get_model("qwen3_moe")
+    ids = random_context_ids(tokenizer, 128)
+    full = measure(model, tokenizer, None, ids, decode_tokens=2)
+    n_layers = model.config.num_hidden_layers
+    for name in ("knorm", "snapkv", "streaming_llm"):
+        row = measure(model, tokenizer, make_press(name, 0.5), ids, decode_tokens=2)
+        lengths = [int(x) for x in row["kv_layer_tokens"].split()]
+        assert lengths == [64] * n_layers, name
+        assert row["kv_cache_bytes"] == _expected_kv_bytes(model, lengths), name
+        assert 2 * row["kv_cache_bytes"] == full["kv_cache_bytes"], name
+        assert len(row["generated_ids"]) == 3
+
+
+def test_essay_context_has_exactly_the_requested_length(tokenizer):
+    for length in (40, 100):
+        ids = context_ids(tokenizer, length, "essay")
+        assert ids.shape == (1, length)
+        assert not set(ids[0].tolist()) & set(tokenizer.all_special_ids)
+    ids = context_ids(tokenizer, 50, "random")
+    assert ids.shape == (1, 50) and not set(ids[0].tolist()) & set(tokenizer.all_special_ids)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(16 * 2**20)  # 64 MiB, written so that the pages are resident
+        del block
+    assert memory.peak_increase >= 60 * 2**20
+    assert memory.peak_total >= memory.baseline + memory.peak_increase - 1
+
+
+def test_main_writes_csv_png_and_table(tokenizer, tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    get_model("qwen3_moe").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "bench"
+    assert main(["--model", str(model_dir), "--press_name", "no_press,knorm", "--compression_ratio", "0.5",
+                 "--lengths", "64,128", "--decode_tokens", "3", "--threads", "1", "--output_dir", str(out),
+                 "--no_progress"]) == 0
+    frame = pd.read_csv(out / "benchmark.csv")
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) == 4
+    assert set(zip(frame.press, frame.compression_ratio, frame.context_length, strict=True)) == {
+        ("no_press", 0.0, 64), ("no_press", 0.0, 128), ("knorm", 0.5, 64), ("knorm", 0.5, 128)}
+    assert (frame.model == "tiny").all() and (frame.device == "cpu").all() and (frame.threads == 1).all()
+    assert (frame.context == "essay").all() and (frame.decode_tokens == 3).all()
+    for column in ("prefill_s", "ttft_s", "decode_ms_per_token", "kv_cache_mib"):
+        assert (frame[column] > 0).all(), column
+    knorm = frame[frame.press == "knorm"].set_index("context_length")
+    none = frame[frame.press == "no_press"].set_index("context_length")
+    assert (knorm.kv_tokens_per_layer == none.kv_tokens_per_layer / 2).all()
+    assert (2 * knorm.kv_cache_bytes == none.kv_cache_bytes).all()
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| press | ratio | context |" in printed and "| knorm | 0.5 | 128 |" in printed
