@@ -48,7 +48,13 @@ Deviations from the official code, all outside the normal path:
   ``python-Levenshtein``); with ``python-Levenshtein`` installed fuzzywuzzy's ratio may differ by a few points.
 * ``retrieval_score`` / ``classification_score`` raise ``ValueError`` where the official code would fail with
   ``IndexError`` / ``TypeError`` (reference without a paragraph number, no ``all_classes``); a missing prediction
-  (``None`` / NaN) is scored as the empty string.
+  (``None`` / NaN) is scored as the empty string; ``all_classes`` is read per record (LongBench takes the file's last
+  record's, the same list for every record of a subset).
+
+Differences from kvpress (which copies LongBench's metrics): ``max_new_tokens`` is LongBench's ``dataset2maxlen``,
+not kvpress's ``+ 20``; the first-line rule strips leading newlines only (LongBench's ``lstrip('\\n')``; kvpress strips
+all leading whitespace); the lcc question part is empty as in LongBench's prompt (kvpress puts ``input`` there, which is
+empty in the data anyway); the scores come back as ``{"score": ...}`` per task.
 """
 
 from __future__ import annotations
