@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     model, tokenizer, label = load_model(args.model, args.device, getattr(torch, args.dtype))
-    print(f"model {label} on {args.device} ({args.dtype}, {torch.get_num_threads()} threads) "
+    print(f"model {label} on {args.device} ({args.dtype}, threads={torch.get_num_threads()}) "
           f"loaded in {time.perf_counter() - start:.0f} s")
     rows = run_benchmark(model, tokenizer, press_names, ratios, lengths, args.decode_tokens, args.repeats,
                          args.context, label, progress=not args.no_progress)
@@ -497,9 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     csv_path = args.output_dir / CSV_NAME
     pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(csv_path, index=False)
     png_path = plot(rows, args.output_dir / PNG_NAME,
-                    f"{label}, {args.device}, {torch.get_num_threads()} threads, {args.context} context, "
+                    f"{label}, {args.device}, threads={torch.get_num_threads()}, {args.context} context, "
                     f"{args.decode_tokens} decode tokens")
-    threads = f", {torch.get_num_threads()} threads" if args.device == "cpu" else ""
+    threads = f", threads={torch.get_num_threads()}" if args.device == "cpu" else ""
     print(f"\n{label} on {args.device}{threads}, {args.context} context, {args.decode_tokens} decode tokens "
           f"(medians over {args.repeats} repeat(s)); peak memory: {rows[0]['mem_method']}\n")
     print(markdown_table(rows))
