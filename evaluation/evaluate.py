@@ -66,7 +66,8 @@ class RunConfig:
     def results_dir(self, output_dir: Path) -> Path:
         model = self.model.replace("/", "--")
         ratio = 0.0 if self.press_name == "no_press" else self.compression_ratio
-        data = Path(str(self.data_dir)).stem if "/" in str(self.data_dir) else str(self.data_dir)
+        data = str(self.data_dir).split(":")[0]  # longbench "subset:local file" -> subset
+        data = Path(data).stem if "/" in data else data
         parts = [self.dataset, data, model, self.press_name, f"{ratio:.2f}"]
         if self.fraction < 1.0:
             parts.append(f"fraction{self.fraction:.3f}")

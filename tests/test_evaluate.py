@@ -100,3 +100,12 @@ def test_compare_naive_reports_a_ratio(tiny_model_dir, tiny_dataset, tmp_path):
                           "--compare_naive"]) == 0
     report = json.loads((tmp_path / "sweep_cost.json").read_text())
     assert report["identical_predictions"] and report["runs"] == 2 and report["naive_over_prefill_once"] > 0
+
+
+def test_longbench_through_the_harness(tiny_model_dir, tmp_path):
+    data = "trec:tests/fixtures/longbench_tiny.jsonl"
+    assert evaluate.main(["--model", str(tiny_model_dir), "--dataset", "longbench", "--data_dir", data,
+                          "--press_name", "no_press,knorm", "--output_dir", str(tmp_path), "--max_new_tokens", "3"]) == 0
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("longbench__trec") and "knorm" in p.name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"trec"} and 0.0 <= metrics["trec"]["score"] <= 100.0
