@@ -104,8 +104,9 @@ def test_compare_naive_reports_a_ratio(tiny_model_dir, tiny_dataset, tmp_path):
 
 def test_longbench_through_the_harness(tiny_model_dir, tmp_path):
     data = "trec:tests/fixtures/longbench_tiny.jsonl"
-    assert evaluate.main(["--model", str(tiny_model_dir), "--dataset", "longbench", "--data_dir", data,
-                          "--press_name", "no_press,knorm", "--output_dir", str(tmp_path), "--max_new_tokens", "3"]) == 0
+    args = ["--model", str(tiny_model_dir), "--dataset", "longbench", "--data_dir", data,
+            "--press_name", "no_press,knorm", "--output_dir", str(tmp_path), "--max_new_tokens", "3"]
+    assert evaluate.main(args) == 0
     run = next(p for p in tmp_path.iterdir() if p.name.startswith("longbench__trec") and "knorm" in p.name)
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"trec"} and 0.0 <= metrics["trec"]["score"] <= 100.0
