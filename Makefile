@@ -28,7 +28,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(PY) -m evaluation.quickstart
+	$(PY) -m evaluation.demo
 
 lint: setup
 	$(PY) -m ruff check pikv_press kernels evaluation tests

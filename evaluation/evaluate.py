@@ -62,6 +62,8 @@ class RunConfig:
     needle_depth: str | None = None
     data_source: str = "offline"
     seed: int = 42
+    tasks: str | None = None
+    samples_per_task: int | None = None
 
     def results_dir(self, output_dir: Path) -> Path:
         model = self.model.replace("/", "--")
@@ -75,6 +77,10 @@ class RunConfig:
             parts.append(f"max_context{self.max_context_length}")
         if self.query_aware:
             parts.append("query_aware")
+        if self.tasks is not None:
+            parts.append(f"tasks{self.tasks.replace(',', '-')}")
+        if self.samples_per_task is not None:
+            parts.append(f"n{self.samples_per_task}")
         if self.needle_depth is not None and self.dataset == "needle_in_haystack":
             parts.append(f"needle_depth{self.needle_depth.replace(',', '-')}")
         return output_dir / "__".join(parts)
@@ -98,7 +104,10 @@ def load_samples(config: RunConfig, tokenizer) -> pd.DataFrame:
         else:
             from evaluation.data import load_ruler
 
-            df = load_ruler(length, tokenizer=tokenizer)
+            # the embedded model's tokenizer is SmolLM2's, the data module's default (its cache is shared)
+            data_tokenizer = None if config.model == EMBEDDED else tokenizer
+            tasks = config.tasks.split(",") if config.tasks else None
+            df = load_ruler(length, tasks=tasks, n_per_task=config.samples_per_task, tokenizer=data_tokenizer)
     elif config.dataset == "needle_in_haystack":
         from evaluation.data import build_niah
 
@@ -294,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default="4096",
                         help="ruler: context length; needle_in_haystack: lengths; longbench: subset[:local path]")
     parser.add_argument("--data_source", default="offline", choices=("offline", "hub"), help="ruler only")
+    parser.add_argument("--tasks", default=None, help="ruler (offline): comma-separated task subset")
+    parser.add_argument("--samples_per_task", type=int, default=None, help="ruler (offline): samples per task")
     parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default) or a hub id / local path")
     parser.add_argument("--press_name", default="no_press", help="comma-separated names from evaluation.registry")
     parser.add_argument("--compression_ratio", default="0.5", help="comma-separated ratios in [0, 1)")
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, fraction=args.fraction,
                   max_new_tokens=args.max_new_tokens, max_context_length=args.max_context_length,
                   query_aware=args.query_aware, needle_depth=args.needle_depth, data_source=args.data_source,
-                  seed=args.seed)
+                  seed=args.seed, tasks=args.tasks, samples_per_task=args.samples_per_task)
     configs = []
     for name in presses:
         for ratio in [0.0] if name == "no_press" else ratios:

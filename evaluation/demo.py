@@ -1,0 +1,45 @@
+"""The main job of ``make demo``: the embedded MoE on a RULER-4k subset, full cache vs every baseline press.
+
+    python -m evaluation.demo [--length 4096] [--tasks niah_single_1,...] [--samples_per_task 2] [--ratio 0.5]
+
+On first run it builds the embedded model (``evaluation.embedded_model``) and the RULER data
+(``evaluation.data.ruler``) into ``.cache/``; later runs reuse both, and finished evaluation runs in
+``results/demo/`` are skipped. It then runs :mod:`evaluation.evaluate` with one prefill per context: the full cache
+(``no_press``), kvpress's baselines (Knorm, SnapKV, StreamingLLM, ExpectedAttention with AdaKV, TOVA, KeyDiff,
+PyramidKV) and every pikv-press press of the registry, and prints the results table and where the plot is.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from evaluation import evaluate
+from evaluation.registry import DEMO_PRESSES, PIKV_REGISTRY
+
+DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
+    parser.add_argument("--samples_per_task", type=int, default=2)
+    parser.add_argument("--ratio", default="0.5", help="compression ratio(s), comma-separated")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="answers are short: cap the RULER budget")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output_dir", default="results/demo")
+    args = parser.parse_args(argv)
+    presses = ",".join(("no_press", *DEMO_PRESSES, *PIKV_REGISTRY))
+    forwarded = [
+        "--dataset", "ruler", "--data_dir", str(args.length), "--tasks", args.tasks,
+        "--samples_per_task", str(args.samples_per_task), "--press_name", presses,
+        "--compression_ratio", args.ratio, "--max_new_tokens", str(args.max_new_tokens),
+        "--output_dir", args.output_dir,
+    ]
+    if args.threads:
+        forwarded += ["--threads", str(args.threads)]
+    return evaluate.main(forwarded)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
