@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_naive:
         return compare_naive(configs, pipe, output_dir)
     results = run_sweep(configs, pipe, output_dir, naive=args.naive)
-    title = f"{args.dataset} {args.data_dir}, {args.model}, fraction {args.fraction}"
+    title = f"{args.dataset} {Path(str(args.data_dir)).name}, {Path(args.model).name}, fraction {args.fraction}"
     md_path, png_path = write_report(results, output_dir, title)
     print(md_path.read_text())
     print(f"plot: {png_path}\nruns: {output_dir}\ntotal {time.time() - start:.0f} s")
