@@ -71,7 +71,7 @@ def test_config_and_shapes(dense, splits, moe):
     assert config.moe_intermediate_size == size
     assert config.n_shared_experts * size == RECIPE.shared_neurons
     assert config.first_k_dense_replace == 0 and config.n_group == config.topk_group == 1
-    assert config.rope_parameters["partial_rotary_factor"] == 1.0
+    assert config.rope_parameters["partial_rotary_factor"] == 1.0 == config.partial_rotary_factor
     assert config.rope_parameters["rope_theta"] == dense.config.rope_parameters["rope_theta"]
     assert config.routed_scaling_factor == RECIPE.top_k and config.norm_topk_prob
     assert config.tie_word_embeddings == dense.config.tie_word_embeddings

@@ -454,6 +454,7 @@ def glm4moe_config(dense_config, recipe: MoEficationRecipe):
         pad_token_id=getattr(dense_config, "pad_token_id", None),
     )
     config.head_dim = head_dim
+    config.partial_rotary_factor = 1.0  # the top-level copy too, for readers that look there
     return config
 
 
