@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -315,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         logger.info("retrieval: dense %.3f, MoE %.3f", dense_score, moe_score)
     report["seconds"] = time.perf_counter() - start
-    report["command"] = "python -m evaluation.embedded_model.quality " + " ".join(argv or [])
+    report["command"] = " ".join(
+        ["python -m evaluation.embedded_model.quality", *(sys.argv[1:] if argv is None else argv)]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=2))
     (args.out / "quality.md").write_text(markdown(report))
