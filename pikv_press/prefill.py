@@ -80,7 +80,7 @@ class PrefillSnapshot:
                 f"{type(press).__name__} runs its own forward passes or decoding-time hooks and cannot be replayed "
                 "from a recorded prefill: run it with `with press(model): model.model(...)` instead."
             )
-        compat.enable_ragged_cache_masks(self.model)  # as `press(model)` does: layers may end up holding different lengths
+        compat.enable_ragged_cache_masks(self.model)  # as `press(model)` does: layers may hold different lengths
         anatomy = _moe_anatomy_or_none(self.model)
         if anatomy is not None:
             compat.check_press_supported(press, anatomy)
