@@ -249,31 +249,30 @@ def _fit_mask_to_layer(module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer's attention module (none for a model without decoder layers)."""
+    try:
+        layers = language_model_of(model).layers
+    except ValueError:
+        return []
+    return [layer.self_attn for layer in layers if getattr(layer, "self_attn", None) is not None]
+
+
 def enable_ragged_cache_masks(model: nn.Module) -> None:
     """Let ``model`` decode from caches whose layers hold different numbers of tokens (idempotent).
 
     Registers one forward pre-hook per attention module; it changes nothing while all layers hold the same number
     of tokens. Undo with :func:`disable_ragged_cache_masks`.
     """
-    try:
-        layers = language_model_of(model).layers
-    except ValueError:
-        return
-    for layer in layers:
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and getattr(attention, _MASK_FIX_ATTR, None) is None:
+    for attention in _attention_modules(model):
+        if getattr(attention, _MASK_FIX_ATTR, None) is None:
             handle = attention.register_forward_pre_hook(_fit_mask_to_layer, with_kwargs=True)
             object.__setattr__(attention, _MASK_FIX_ATTR, handle)
 
 
 def disable_ragged_cache_masks(model: nn.Module) -> None:
     """Remove the hooks of :func:`enable_ragged_cache_masks`."""
-    try:
-        layers = language_model_of(model).layers
-    except ValueError:
-        return
-    for layer in layers:
-        attention = getattr(layer, "self_attn", None)
+    for attention in _attention_modules(model):
         handle = getattr(attention, _MASK_FIX_ATTR, None)
         if handle is not None:
             handle.remove()

@@ -183,13 +183,19 @@ def _window_attention_errors(model) -> list[float]:
         ours = SnapKVPress.compute_window_attention(view, kwargs["hidden_states"], keys, window, rope)
         errors.append((ours - output[1][..., -window:, :-window]).abs().max().item())
 
+    _prefill_with_attention_hook(model, hook)
+    return errors
+
+
+def _prefill_with_attention_hook(model, hook) -> None:
+    """Prefill 24 tokens with ``hook`` on every compressible attention module (removed afterwards)."""
+    anatomy = get_anatomy(model)
     handles = [anatomy.attention(i).register_forward_hook(hook, with_kwargs=True) for i in anatomy.compressible_layers]
     try:
         _prefill(model, _ids(24))
     finally:
         for handle in handles:
             handle.remove()
-    return errors
 
 
 def test_query_scores_equal_the_models_attention(family, eager_model):
@@ -203,7 +209,6 @@ def test_query_scores_equal_the_models_attention(family, eager_model):
 def test_plain_kvpress_scores_are_wrong_on_query_norm_families(family):
     """What the compat layer fixes: kvpress alone rebuilds Qwen3-MoE / OLMoE queries without their norm."""
     model = get_model(family, "eager")
-    anatomy = get_anatomy(model)
     errors = []
 
     def hook(module, args, kwargs, output):
@@ -212,12 +217,7 @@ def test_plain_kvpress_scores_are_wrong_on_query_norm_families(family):
                                                     kwargs["position_embeddings"])
         errors.append((ours - output[1][..., -8:, :-8]).abs().max().item())
 
-    handles = [anatomy.attention(i).register_forward_hook(hook, with_kwargs=True) for i in anatomy.compressible_layers]
-    try:
-        _prefill(model, _ids(24))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _prefill_with_attention_hook(model, hook)
     assert max(errors) > 1e-2
 
 
