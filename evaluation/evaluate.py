@@ -255,17 +255,27 @@ def write_report(results: dict[RunConfig, dict], output_dir: Path, title: str) -
     md_path, png_path = output_dir / "results.md", output_dir / "results.png"
     md_path.write_text(f"{title}\n\n" + markdown_table(table) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for press, row in table.iterrows():
-        row = row.dropna()
-        if press == "no_press":
-            ax.axhline(float(row.iloc[0]), color="black", linestyle="--", label="no_press (full cache)")
-        else:
+    full = table.loc["no_press"].dropna() if "no_press" in table.index else None
+    presses = table.drop(index="no_press", errors="ignore")
+    ratios = [r for r in table.columns if presses[r].notna().any()]
+    if len(ratios) == 1:  # one ratio: bars read better than single points
+        values = presses[ratios[0]].sort_values()
+        ax.barh(values.index, values.values, color="tab:blue")
+        ax.set_xlabel(f"score (mean over tasks) at compression ratio {ratios[0]:g}")
+        if full is not None:
+            ax.axvline(float(full.iloc[0]), color="black", linestyle="--", label="no_press (full cache)")
+    else:
+        for press, row in presses.iterrows():
+            row = row.dropna()
             ax.plot(row.index, row.values, marker="o", label=press)
-    ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
-    ax.set_ylabel("score (mean over tasks)")
+        if full is not None:
+            ax.axhline(float(full.iloc[0]), color="black", linestyle="--", label="no_press (full cache)")
+        ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
+        ax.set_ylabel("score (mean over tasks)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -359,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_naive(configs, pipe, output_dir)
     results = run_sweep(configs, pipe, output_dir, naive=args.naive)
     title = f"{args.dataset} {Path(str(args.data_dir)).name}, {Path(args.model).name}, fraction {args.fraction}"
+    if args.samples_per_task:
+        title += f", {args.samples_per_task} per task"
     md_path, png_path = write_report(results, output_dir, title)
     print(md_path.read_text())
     print(f"plot: {png_path}\nruns: {output_dir}\ntotal {time.time() - start:.0f} s")
