@@ -6,12 +6,16 @@ On first run it builds the embedded model (``evaluation.embedded_model``) and th
 (``evaluation.data.ruler``) into ``.cache/``; later runs reuse both, and finished evaluation runs in
 ``results/demo/`` are skipped. It then runs :mod:`evaluation.evaluate` with one prefill per context: the full cache
 (``no_press``), kvpress's baselines (Knorm, SnapKV, StreamingLLM, ExpectedAttention with AdaKV, TOVA, KeyDiff,
-PyramidKV) and every pikv-press press of the registry, and prints the results table and where the plot is.
+PyramidKV) and every pikv-press press of the registry, and prints the results table, where the plot is, and the
+answers to the first samples with and without each press.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import pandas as pd
 
 from evaluation import evaluate
 from evaluation.registry import DEMO_PRESSES, PIKV_REGISTRY
@@ -38,7 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         forwarded += ["--threads", str(args.threads)]
-    return evaluate.main(forwarded)
+    status = evaluate.main(forwarded)
+    if status == 0:
+        print_answers(Path(args.output_dir), samples=2)
+    return status
+
+
+def print_answers(output_dir: Path, samples: int) -> None:
+    """The first ``samples`` answers of every run in ``output_dir``, full cache first."""
+    runs = sorted(output_dir.glob("*/predictions.csv"), key=lambda p: ("__no_press__" not in str(p), str(p)))
+    if not runs:
+        return
+    first = pd.read_csv(runs[0], keep_default_na=False).head(samples)
+    for i, row in first.iterrows():
+        print(f"\nsample {i} ({row['task']}), expected {row['answer']}:")
+        for path in runs:
+            press = path.parent.name.split("__")[3]
+            answer = pd.read_csv(path, keep_default_na=False).loc[i, "predicted_answer"]
+            print(f"  {press:>20}: {' '.join(str(answer).split())[:70]}")
 
 
 if __name__ == "__main__":
