@@ -57,9 +57,10 @@ def print_answers(output_dir: Path, samples: int) -> None:
     for i, row in first.iterrows():
         print(f"\nsample {i} ({row['task']}), expected {row['answer']}:")
         for path in runs:
-            press = path.parent.name.split("__")[3]
+            parts = path.parent.name.split("__")
+            label = parts[3] if parts[3] == "no_press" else f"{parts[3]}@{parts[4]}"
             answer = pd.read_csv(path, keep_default_na=False).loc[i, "predicted_answer"]
-            print(f"  {press:>20}: {' '.join(str(answer).split())[:70]}")
+            print(f"  {label:>25}: {' '.join(str(answer).split())[:70]}")
 
 
 if __name__ == "__main__":
