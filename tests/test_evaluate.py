@@ -110,3 +110,16 @@ def test_longbench_through_the_harness(tiny_model_dir, tmp_path):
     run = next(p for p in tmp_path.iterdir() if p.name.startswith("longbench__trec") and "knorm" in p.name)
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"trec"} and 0.0 <= metrics["trec"]["score"] <= 100.0
+
+
+def test_demo_prints_answers_full_cache_first(tmp_path, capsys):
+    from evaluation.demo import print_answers
+
+    for press, ratio, answer in [("knorm", "0.50", "12."), ("no_press", "0.00", "7481.")]:
+        run = tmp_path / f"ruler__4096__embedded__{press}__{ratio}"
+        run.mkdir()
+        pd.DataFrame({"task": ["niah_single_1"], "answer": [["7481"]], "predicted_answer": [answer]}).to_csv(
+            run / "predictions.csv", index=False)
+    print_answers(tmp_path, samples=1)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[1:] == ["no_press: 7481.", "knorm@0.50: 12."]
