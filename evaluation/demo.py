@@ -48,18 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def _predictions(path: Path) -> pd.DataFrame:
+    """A run's predictions, answers as text (``"7481."`` must not become a float)."""
+    return pd.read_csv(path, keep_default_na=False, dtype={"predicted_answer": str})
+
+
 def print_answers(output_dir: Path, samples: int) -> None:
     """The first ``samples`` answers of every run in ``output_dir``, full cache first."""
     runs = sorted(output_dir.glob("*/predictions.csv"), key=lambda p: ("__no_press__" not in str(p), str(p)))
     if not runs:
         return
-    first = pd.read_csv(runs[0], keep_default_na=False).head(samples)
+    first = _predictions(runs[0]).head(samples)
     for i, row in first.iterrows():
         print(f"\nsample {i} ({row['task']}), expected {row['answer']}:")
         for path in runs:
             parts = path.parent.name.split("__")
             label = parts[3] if parts[3] == "no_press" else f"{parts[3]}@{parts[4]}"
-            answer = pd.read_csv(path, keep_default_na=False).loc[i, "predicted_answer"]
+            answer = _predictions(path).loc[i, "predicted_answer"]
             print(f"  {label:>25}: {' '.join(str(answer).split())[:70]}")
 
 
