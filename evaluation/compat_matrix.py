@@ -31,7 +31,8 @@ from kvpress import (
 )
 from transformers import DynamicCache, pipeline
 
-from pikv_press import AttentionLayout, AttentionView, RouterTap, get_anatomy
+from pikv_press import RouterTap, get_anatomy
+from pikv_press.compat import view_attention_errors
 from pikv_press.testing import MOE_FAMILY_NAMES, TRAINING_TEXT, VOCAB, build_model, build_tokenizer
 
 PRESSES = {
@@ -50,25 +51,7 @@ SEQ = 64
 def attention_error(family: str) -> float:
     """Max |window attention through the view - eager attention weights| over compressible layers."""
     model = build_model(family, attn_implementation="eager")
-    anatomy = get_anatomy(model)
-    errors = []
-
-    def hook(module, args, kwargs, output):
-        layout = AttentionLayout(module, anatomy.family, anatomy.config)
-        view = AttentionView(module, layout, anatomy.language_model.rotary_emb)
-        rope = layout.canonical_rope(kwargs["position_embeddings"])
-        keys = layout.keys_to_canonical(kwargs["past_key_values"].layers[module.layer_idx].keys)
-        ours = SnapKVPress.compute_window_attention(view, kwargs["hidden_states"], keys, 8, rope)
-        errors.append((ours - output[1][..., -8:, :-8]).abs().max().item())
-
-    handles = [anatomy.attention(i).register_forward_hook(hook, with_kwargs=True) for i in anatomy.compressible_layers]
-    try:
-        with torch.no_grad():
-            model.model(input_ids=torch.randint(5, VOCAB, (1, SEQ)), past_key_values=DynamicCache())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return max(errors)
+    return max(view_attention_errors(model, torch.randint(5, VOCAB, (1, SEQ))))
 
 
 def routing_agreement(model) -> tuple[float, float, float]:

@@ -42,7 +42,7 @@ from kvpress.presses.base_press import is_prefilling
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 from torch.nn import functional as F
-from transformers import QuantizedCache
+from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
@@ -358,6 +358,38 @@ def _window_attention(module, hidden_states, keys, window_size, position_embeddi
     sink_logits = sinks.to(logits.dtype).view(1, -1, 1, 1).expand(bsz, -1, window_size, 1)
     weights = F.softmax(torch.cat([logits + causal, sink_logits], dim=-1), dim=-1, dtype=torch.float32)
     return weights[..., :-1].to(query.dtype)[..., :-window_size]
+
+
+def view_attention_errors(model: nn.Module, input_ids: torch.Tensor, window: int = 8) -> list[float]:
+    """How exactly presses see a model: per compressible layer, the largest difference between the attention weights
+    kvpress's window attention computes through :class:`AttentionView` and the model's own eager attention weights.
+
+    ``model`` must run eager attention (the weights are read from the attention output); ``input_ids`` needs more
+    than ``window`` tokens.
+    """
+    anatomy = get_anatomy(model)
+    if getattr(anatomy.config, "_attn_implementation", None) != "eager":
+        raise ValueError("view_attention_errors reads eager attention weights: load the model with "
+                         "attn_implementation='eager'.")
+    rotary_emb = getattr(anatomy.language_model, "rotary_emb", None)
+    errors = []
+
+    def hook(module, args, kwargs, output):
+        layout = AttentionLayout(module, anatomy.family, anatomy.config)
+        view = AttentionView(module, layout, rotary_emb)
+        rope = layout.canonical_rope(kwargs["position_embeddings"])
+        keys = layout.keys_to_canonical(kwargs["past_key_values"].layers[module.layer_idx].keys)
+        ours = SnapKVPress.compute_window_attention(view, kwargs["hidden_states"], keys, window, rope)
+        errors.append((ours - output[1][..., -window:, :-window]).abs().max().item())
+
+    handles = [anatomy.attention(i).register_forward_hook(hook, with_kwargs=True) for i in anatomy.compressible_layers]
+    try:
+        with torch.no_grad():
+            anatomy.language_model(input_ids=input_ids, past_key_values=DynamicCache())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return errors
 
 
 def install() -> None:

@@ -25,7 +25,7 @@ from transformers import DynamicCache, pipeline
 
 import pikv_press
 from pikv_press import AttentionLayout, AttentionView, get_anatomy
-from pikv_press.compat import _ORIGINAL_EXPECTED_ATTENTION_SCORE
+from pikv_press.compat import _ORIGINAL_EXPECTED_ATTENTION_SCORE, view_attention_errors
 from pikv_press.testing import MOE_FAMILY_NAMES, TRAINING_TEXT, VOCAB, build_model
 from tests.conftest import get_model
 
@@ -170,23 +170,6 @@ def test_pipeline_every_family(pipes, family, press_name):
         anatomy.attention(idx).masked_key_indices = None
 
 
-def _window_attention_errors(model) -> list[float]:
-    """Max |kvpress window attention through the view - the model's eager attention weights| per layer."""
-    anatomy = get_anatomy(model)
-    window, errors = 8, []
-
-    def hook(module, args, kwargs, output):
-        layout = AttentionLayout(module, anatomy.family, anatomy.config)
-        view = AttentionView(module, layout, anatomy.language_model.rotary_emb)
-        rope = layout.canonical_rope(kwargs["position_embeddings"])
-        keys = layout.keys_to_canonical(kwargs["past_key_values"].layers[module.layer_idx].keys)
-        ours = SnapKVPress.compute_window_attention(view, kwargs["hidden_states"], keys, window, rope)
-        errors.append((ours - output[1][..., -window:, :-window]).abs().max().item())
-
-    _prefill_with_attention_hook(model, hook)
-    return errors
-
-
 def _prefill_with_attention_hook(model, hook) -> None:
     """Prefill 24 tokens with ``hook`` on every compressible attention module (removed afterwards)."""
     anatomy = get_anatomy(model)
@@ -200,7 +183,7 @@ def _prefill_with_attention_hook(model, hook) -> None:
 
 def test_query_scores_equal_the_models_attention(family, eager_model):
     """Queries, QK norms, RoPE layout, logit scale and sinks as the model computes them: exact attention weights."""
-    errors = _window_attention_errors(eager_model)
+    errors = view_attention_errors(eager_model, _ids(24))
     assert len(errors) == len(get_anatomy(eager_model).compressible_layers)
     assert max(errors) < 1e-5
 
