@@ -190,13 +190,11 @@ def _make_hook(press: BasePress, layout: AttentionLayout, view: AttentionView):
         cache = kwargs.get("past_key_values")
         if cache is None:  # a forward pass without cache has nothing to compress
             return output
+        if default_hook and not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            return output  # BasePress.forward_hook only acts at prefill: skip the layout work on every decoding step
         press_kwargs = dict(kwargs)
         press_kwargs["position_embeddings"] = layout.canonical_rope(kwargs["position_embeddings"])
-        q_len = kwargs["hidden_states"].shape[1]
-        transform = layout.needs_cache_transform and not (
-            default_hook and not is_prefilling(kwargs["cache_position"], q_len)
-        )
-        if not transform:
+        if not layout.needs_cache_transform:
             return _run_press(press, view, args, press_kwargs, output)
         if isinstance(cache, QuantizedCache):
             raise ValueError(
