@@ -19,20 +19,14 @@ import time
 import warnings
 
 import torch
-from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
+from evaluation.registry import PRESS_REGISTRY, make_press
 from pikv_press import cache_lengths, cache_nbytes, get_anatomy
 from pikv_press.prefill import PrefillRecorder
 
-PRESSES = {
-    "knorm": KnormPress,
-    "snapkv": SnapKVPress,
-    "streaming_llm": StreamingLLMPress,
-    "expected_attention": ExpectedAttentionPress,
-    "tova": TOVAPress,
-}
+DEFAULT_PRESSES = "knorm,snapkv,streaming_llm,expected_attention_no_adakv,tova"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
     parser.add_argument("--depths", default="10,50,90", help="needle depths in percent of the context")
     parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of every press")
-    parser.add_argument("--presses", default=",".join(PRESSES), help=f"comma-separated, from {list(PRESSES)}")
+    parser.add_argument("--presses", default=DEFAULT_PRESSES, help="comma-separated names from evaluation.registry")
     parser.add_argument("--model-dir", default=None, help="a saved model (default: the embedded MoE, built once)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if not 0 <= args.ratio < 1:
         parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
-    unknown = [p for p in args.presses.split(",") if p not in PRESSES]
+    unknown = [p for p in args.presses.split(",") if p not in PRESS_REGISTRY]
     if unknown:
-        parser.error(f"unknown presses {unknown}; choose from {list(PRESSES)}")
+        parser.error(f"unknown presses {unknown}; choose from {sorted(PRESS_REGISTRY)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kvpress").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*not tested.*")
@@ -65,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     samples = build_niah([args.length], depths, tokenizer)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
 
-    configs = [("full cache", None)] + [(name, PRESSES[name]) for name in args.presses.split(",")]
-    results = {name: {"correct": 0, "tokens": [], "bytes": [], "answers": []} for name, _ in configs}
+    configs = ["no_press"] + args.presses.split(",")
+    results = {name: {"correct": 0, "tokens": [], "bytes": [], "answers": []} for name in configs}
     for sample in tqdm(list(samples.itertuples()), desc="samples"):
         inputs = pipe.preprocess(sample.context, [sample.question], sample.answer_prefix, 10**9)
         context_ids = inputs["context_ids"].to(model.device)
         with torch.no_grad(), PrefillRecorder(model) as recorder:  # the one prefill of this context
             model.model(input_ids=context_ids, past_key_values=DynamicCache())
-        for name, press_cls in configs:
-            press = None if press_cls is None else press_cls(compression_ratio=args.ratio)
+        for name in configs:
+            press = make_press(name, args.ratio)
             with torch.no_grad():
                 cache = recorder.snapshot.replay(press)
                 tokens, nbytes = sum(cache_lengths(cache)) / len(cache.layers), cache_nbytes(cache)
