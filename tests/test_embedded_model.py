@@ -207,3 +207,43 @@ def test_reference_stats_and_random_grouping(dense, splits):
     expected_active = (RECIPE.shared_neurons + RECIPE.top_k * size) / dense.config.intermediate_size
     assert stats["active_neuron_share"] == pytest.approx(expected_active)
     assert 0 <= stats["router_recall_mean"] <= 1 and stats["expert_load_max_over_uniform_mean"] >= 1
+
+
+def test_masked_output_is_shared_block_plus_selected_experts(dense, splits):
+    """What moefy passes upward: shared neurons plus the selected experts' neurons, each expert summed with weight 1."""
+    from evaluation.embedded_model.moefy import masked_output, neuron_owners
+
+    layer, split = dense.model.layers[1], splits[1]
+    gate, up, down = mlp_weights(layer.mlp)
+    x = torch.randn(9, dense.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    acts = neuron_activations(x, gate, up)
+    selected = topk_mask(router_logits(x, split.router_weight, split.router_bias), RECIPE.top_k)
+    out, mask = masked_output(acts, selected, neuron_owners(split, acts.shape[1]), down)
+    expected = acts[:, split.shared_idx] @ down[:, split.shared_idx].T
+    for e, idx in enumerate(split.expert_idx):
+        expected = expected + selected[:, e : e + 1] * (acts[:, idx] @ down[:, idx].T)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    size = RECIPE.expert_size(acts.shape[1])
+    assert torch.equal(mask.sum(1), torch.full((9,), RECIPE.shared_neurons + RECIPE.top_k * size))
+    with torch.no_grad():
+        torch.testing.assert_close(MoEfiedMLP(layer.mlp, split, RECIPE.top_k, "router")(x), out)
+
+
+def test_default_recipe_ships_its_calibration_ids():
+    """The real build reads the committed calibration ids: no generation, same tokens on every machine."""
+    import importlib
+
+    build_module = importlib.import_module("evaluation.embedded_model.build")  # the package exports a function `build`
+    key = build_module.calibration_key(build_module.RECIPE, 0)
+    path = build_module.shipped_calibration_path(key)
+    assert path.exists(), f"{path} missing: run python -m evaluation.embedded_model.build --export-calibration"
+    # model and tokenizer are only needed to generate: None proves the shipped file is used
+    ids = build_module.calibration_ids(None, None, build_module.RECIPE, 0)
+    recipe = build_module.RECIPE
+    assert ids.dtype == torch.long
+    assert ids.shape == (recipe.calibration_tokens // recipe.calibration_seq_len, recipe.calibration_seq_len)
+    assert 0 <= int(ids.min()) and int(ids.max()) < 49152  # SmolLM2's vocabulary
+    assert len(ids.unique()) > 3000  # real text (4123 distinct tokens), not padding
+    wrong = MoEficationRecipe(**{**recipe.__dict__, "calibration_tokens": 2048})
+    with pytest.raises(ValueError, match="shape"):
+        build_module.load_calibration_ids(path, wrong)

@@ -227,9 +227,9 @@ def _chunks(tokenizer, texts: Sequence[str], seq_len: int) -> list[torch.Tensor]
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]) for i in range(whole)]
 
 
-def calibration_ids(model, tokenizer, recipe: MoEficationRecipe, seed: int) -> torch.Tensor:
-    """[B, T] calibration token ids (cached): all generated chunks, filled up with Python-reference chunks."""
-    key = hashlib.sha256(
+def calibration_key(recipe: MoEficationRecipe, seed: int) -> str:
+    """Hash of everything the calibration ids depend on (names the cached and the shipped files)."""
+    return hashlib.sha256(
         json.dumps(
             {
                 "calibration": recipe.calibration,
@@ -243,9 +243,44 @@ def calibration_ids(model, tokenizer, recipe: MoEficationRecipe, seed: int) -> t
             sort_keys=True,
         ).encode()
     ).hexdigest()[:10]
+
+
+def shipped_calibration_path(key: str) -> Path:
+    """Calibration token ids committed with the package for calibration key ``key`` (see :func:`calibration_ids`)."""
+    return Path(__file__).resolve().parent / "calibration" / f"smollm2-{key}.safetensors"
+
+
+def load_calibration_ids(path: Path, recipe: MoEficationRecipe) -> torch.Tensor:
+    """[B, T] int64 calibration ids from a shipped file, checked against the recipe's shape."""
+    from safetensors.torch import load_file
+
+    ids = load_file(str(path))["input_ids"].long()
+    expected = (recipe.calibration_tokens // recipe.calibration_seq_len, recipe.calibration_seq_len)
+    if tuple(ids.shape) != expected:
+        raise ValueError(f"{path} holds calibration ids of shape {tuple(ids.shape)}, the recipe wants {expected}")
+    return ids
+
+
+def calibration_ids(model, tokenizer, recipe: MoEficationRecipe, seed: int) -> torch.Tensor:
+    """[B, T] calibration token ids: all generated chunks, filled up with Python-reference chunks.
+
+    The ids of the default recipe ship with the package (``calibration/smollm2-<key>.safetensors``, written by
+    ``--export-calibration``): sampling the generated part costs minutes on a CPU and its exact tokens depend on the
+    machine's floating-point reductions, the Python-reference part on the interpreter's version, so shipping the ids
+    makes the build fast and identical everywhere.  Other recipes generate them once into the cache.
+    """
+    key = calibration_key(recipe, seed)
+    shipped = shipped_calibration_path(key)
+    if shipped.exists():
+        return load_calibration_ids(shipped, recipe)
     path = cache_root() / "calibration" / f"smollm2-{key}.pt"
     if path.exists():
         return torch.load(path)
+    logger.warning(
+        "no shipped calibration ids for this recipe (%s): generating them (several minutes); run "
+        "`python -m evaluation.embedded_model.build --export-calibration` and commit the file to ship them",
+        shipped.name,
+    )
     sources = recipe.calibration.split("+")
     chunks: list[torch.Tensor] = []
     if "generated" in sources:
@@ -368,17 +403,35 @@ def load_embedded_model(
     return model, tokenizer
 
 
+def export_calibration(recipe: MoEficationRecipe = RECIPE, seed: int = 0) -> Path:
+    """Write the recipe's calibration ids (generating them if needed) to the shipped file; returns its path."""
+    from safetensors.torch import save_file
+
+    dense, tokenizer = load_dense()
+    ids = calibration_ids(dense, tokenizer, recipe, seed)
+    path = shipped_calibration_path(calibration_key(recipe, seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids.to(torch.int32).contiguous()}, str(path))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the cache folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, default=None, help="MoEfy only the first N layers (tests)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds a build")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--export-calibration", action="store_true", help="write the calibration ids to the package (then commit them)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if args.export_calibration:
+        print(export_calibration(seed=args.seed))
+        return 0
     path = build(args.out, seed=args.seed, num_layers=args.num_layers, force=args.force)
     print(path)
     return 0

@@ -261,6 +261,23 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def neuron_owners(split: LayerSplit, num_neurons: int) -> torch.Tensor:
+    """[I] expert owning each neuron, -1 for the shared block."""
+    owner = torch.full((num_neurons,), -1, dtype=torch.long)
+    for e, idx in enumerate(split.expert_idx):
+        owner[idx] = e
+    return owner
+
+
+def masked_output(
+    acts: torch.Tensor, selected: torch.Tensor, owner: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output [N, H], neuron mask [N, I])`` of the shared block plus the ``selected`` [N, E] experts."""
+    keep = torch.cat([selected, torch.ones(acts.shape[0], 1, dtype=torch.bool)], dim=1)  # column -1: shared
+    neuron_mask = keep[:, owner]  # owner -1 indexes the last (shared) column
+    return (acts * neuron_mask) @ down.T, neuron_mask
+
+
 class MoEfiedMLP(nn.Module):
     """Reference MoE FFN on top of the dense weights: shared block + top-k routed experts, every expert weight 1.
 
@@ -280,11 +297,7 @@ class MoEfiedMLP(nn.Module):
         self.top_k = top_k
         self.mode = mode
         self.stats: dict[str, torch.Tensor] | None = None
-        num_neurons = gate.shape[0]
-        owner = torch.full((num_neurons,), -1, dtype=torch.long)  # -1: shared
-        for e, idx in enumerate(split.expert_idx):
-            owner[idx] = e
-        self.register_buffer("owner", owner)
+        self.register_buffer("owner", neuron_owners(split, gate.shape[0]))
 
     def select(self, x: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """[N, E] boolean mask of selected experts."""
@@ -302,9 +315,7 @@ class MoEfiedMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1]).float()
         acts = neuron_activations(x, self.gate, self.up)
         selected = self.select(x, acts)
-        keep = torch.cat([selected, torch.ones(x.shape[0], 1, dtype=torch.bool)], dim=1)  # column -1: shared
-        neuron_mask = keep[:, self.owner]  # owner -1 indexes the last (shared) column
-        out = (acts * neuron_mask) @ self.down.T
+        out, neuron_mask = masked_output(acts, selected, self.owner, self.down)
         if self.stats is not None:
             oracle = topk_mask(expert_output_norms(acts, self.down, self.split.expert_idx), self.top_k)
             for key, value in (
@@ -388,8 +399,9 @@ def moefy(
         if on_layer is not None:
             on_layer(i, metrics)
         splits.append(split)
-        moe_mlp = MoEfiedMLP(layer.mlp, split, recipe.top_k, "router")
-        hidden = mid + moe_mlp(x).reshape(mid.shape)
+        # what MoEfiedMLP(layer.mlp, split, top_k, "router")(x) computes, reusing this layer's activations
+        routed, _ = masked_output(acts, chosen, neuron_owners(split, acts.shape[1]), down)
+        hidden = mid + routed.reshape(mid.shape)
         del x, acts, mid
     return splits
 
