@@ -247,3 +247,37 @@ def test_default_recipe_ships_its_calibration_ids():
     wrong = MoEficationRecipe(**{**recipe.__dict__, "calibration_tokens": 2048})
     with pytest.raises(ValueError, match="shape"):
         build_module.load_calibration_ids(path, wrong)
+
+
+def test_router_logit_scale_restores_the_fitted_router(dense, splits, moe, tmp_path):
+    """config.router_logit_scale, read by the anatomy, turns the flat stored gate back into the fitted router."""
+    from transformers import AutoModelForCausalLM
+
+    from pikv_press.moe import get_anatomy
+
+    moe.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    anatomy = get_anatomy(reloaded)
+    x = torch.randn(16, dense.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        for i, split in enumerate(splits):
+            scale = anatomy.router_logit_scale(i)
+            assert scale == pytest.approx(split.gate_scale(RECIPE.gate_logit_scale))
+            gate = anatomy.router(i)
+            stored = gate(x).float()
+            assert float(stored.abs().max()) < 0.01  # flat as stored ...
+            restored = (stored + 4 * gate.e_score_correction_bias) / scale
+            fitted = router_logits(x, split.router_weight, split.router_bias)
+            torch.testing.assert_close(restored, fitted, rtol=1e-4, atol=1e-4)  # ... sharp once rescaled
+
+
+def test_router_logit_scale_defaults_and_checks():
+    from pikv_press.moe import get_anatomy
+    from pikv_press.testing import build_model
+
+    model = build_model("qwen3_moe")
+    anatomy = get_anatomy(model)
+    assert anatomy.router_logit_scale(0) == 1.0
+    model.config.router_logit_scale = [1.0]
+    with pytest.raises(ValueError, match="entries"):
+        get_anatomy(model).router_logit_scale(0)

@@ -81,3 +81,9 @@ def test_report_without_paired_samples_says_what_to_run(tmp_path):
                                       "seconds": 1.0}])
     with pytest.raises(SystemExit, match="--variant moe"):
         retrieval.report(tmp_path, "cmd")
+
+
+def test_samples_are_interleaved_across_tasks():
+    df = pd.DataFrame({"task": ["b"] * 3 + ["a"] * 2, "context": list("xyzuv")})
+    df = retrieval.interleave_tasks(df.assign(index=df.groupby("task").cumcount()))
+    assert list(zip(df["task"], df["index"], strict=True)) == [("b", 0), ("a", 0), ("b", 1), ("a", 1), ("b", 2)]

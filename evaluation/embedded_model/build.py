@@ -399,6 +399,10 @@ def load_embedded_model(
             raise FileNotFoundError(f"no embedded model in {path}: run `python -m evaluation.embedded_model.build`")
         build(path, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if getattr(model.config, "router_logit_scale", None) is None:  # builds from before the attribute existed
+        recipe = MoEficationRecipe(**json.loads((path / META_FILENAME).read_text())["recipe"])
+        splits = load_splits(path / SPLITS_FILENAME)
+        model.config.router_logit_scale = [split.gate_scale(recipe.gate_logit_scale) for split in splits]
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

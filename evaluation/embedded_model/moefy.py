@@ -32,7 +32,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -359,6 +360,17 @@ def attention_block(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, ba
     return out
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block on one intra-op thread (bit-identical results whatever ``torch.get_num_threads()`` is)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def moefy(
     dense: nn.Module,
@@ -389,7 +401,8 @@ def moefy(
         acts = neuron_activations(x, gate, up)
         shared_idx, expert_idx = split_neurons(acts, down, recipe, generator, grouping)
         oracle = topk_mask(expert_output_norms(acts, down, expert_idx), recipe.top_k)
-        weight, bias = fit_router(x, oracle, recipe.router_steps, recipe.router_l2)
+        with single_thread():  # its reductions over tokens would otherwise depend on the thread count
+            weight, bias = fit_router(x, oracle, recipe.router_steps, recipe.router_l2)
         logits = router_logits(x, weight, bias)
         split = LayerSplit(shared_idx, expert_idx, weight, bias, float(logits.abs().max()))
         chosen = topk_mask(logits, recipe.top_k)
@@ -505,6 +518,8 @@ def build_glm4moe(dense: nn.Module, splits: Sequence[LayerSplit], recipe: MoEfic
     from transformers import Glm4MoeForCausalLM
 
     config = glm4moe_config(dense.config, recipe)
+    # read by pikv_press.moe.MoEAnatomy.router_logit_scale: gate logits / scale = the fitted router's logits
+    config.router_logit_scale = [split.gate_scale(recipe.gate_logit_scale) for split in splits]
     state = glm4moe_state_dict(dense.state_dict(), splits, recipe.gate_logit_scale)
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config)

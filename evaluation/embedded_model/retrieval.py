@@ -54,6 +54,16 @@ def load_variant(variant: str, model_dir: Path | None = None):
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
+def interleave_tasks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Samples in rounds: sample 0 of every task, then sample 1 of every task, ... (task order kept within a round).
+
+    A run stopped at any point has then covered every task about equally, which a task-by-task order would not.
+    """
+    rank = {task: i for i, task in enumerate(dict.fromkeys(frame["task"]))}
+    order = sorted(frame.index, key=lambda i: (int(frame.at[i, "index"]), rank[frame.at[i, "task"]]))
+    return frame.loc[order].reset_index(drop=True)
+
+
 def done_keys(path: Path) -> set[tuple[str, int]]:
     """``(task, index)`` of the samples already answered in ``path``."""
     if not path.exists():
@@ -270,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from evaluation.data.ruler import load_ruler
 
         frame = load_ruler(args.length, tasks=args.tasks.split(","), n_per_task=args.samples_per_task)
-        frame = frame.assign(index=frame.groupby("task").cumcount())
+        frame = interleave_tasks(frame.assign(index=frame.groupby("task").cumcount()))
         answer_samples(args.variant, frame, args.out, args.max_new_tokens, args.model)
     if args.report:
         command = " ".join(["python -m evaluation.embedded_model.retrieval", *(sys.argv[1:] if argv is None else argv)])

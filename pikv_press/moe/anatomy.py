@@ -99,6 +99,21 @@ class MoEAnatomy:
         """How router probabilities are formed (a :class:`RouterScoring`), ``None`` for a dense model."""
         return self.family.scoring
 
+    def router_logit_scale(self, layer_idx: int) -> float:
+        """Factor by which layer ``layer_idx``'s stored router logits were scaled (1.0 for models as trained).
+
+        Read from ``config.router_logit_scale`` (one float per layer), which models whose gate was rescaled after
+        fitting carry, such as the embedded MoEfied SmolLM2 (logits ~1e-3 so that every selected expert weighs ~1;
+        see the README). Dividing the router's logits by it restores their fitted scale, so that a routing-aware
+        press can turn them into meaningful probabilities; the ranking, hence the routing, is unchanged.
+        """
+        scales = getattr(self.config, "router_logit_scale", None)
+        if scales is None:
+            return 1.0
+        if len(scales) != self.num_layers:
+            raise ValueError(f"config.router_logit_scale has {len(scales)} entries for {self.num_layers} layers")
+        return float(scales[layer_idx])
+
     def moe_block(self, layer_idx: int) -> nn.Module | None:
         return self._moe_blocks.get(layer_idx)
 
