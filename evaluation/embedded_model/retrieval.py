@@ -101,6 +101,8 @@ def answer_samples(
     from tqdm.auto import tqdm
     from transformers import pipeline
 
+    import pikv_press  # noqa: F401  (imports kvpress, which registers the kv-press-text-generation pipeline)
+
     path = out / f"{variant}.jsonl"
     done = done_keys(path)
     todo = frame[[(t, int(i)) not in done for t, i in zip(frame["task"], frame["index"], strict=True)]]
