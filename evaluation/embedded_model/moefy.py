@@ -362,7 +362,7 @@ def attention_block(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, ba
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread (bit-identical results whatever ``torch.get_num_threads()`` is)."""
+    """Run the block on one intra-op thread, so that its reductions do not depend on ``torch.get_num_threads()``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
