@@ -317,19 +317,26 @@ def run_benchmark(
     model_name: str = "",
     warmup_length: int = 128,
     progress: bool = True,
+    press_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (press, ratio, length) x ``repeats``, after one untimed warm-up per (press, ratio); rows in order.
 
-    ``no_press`` is measured once per length, with ratio 0.0. Presses come from :func:`evaluation.registry.make_press`
-    (a fresh press per measurement).
+    ``no_press`` and presses that take no compression ratio (decoding presses, ThinK) are measured once per length,
+    with ratio 0.0. Presses come from :func:`evaluation.registry.make_press` (a fresh press per measurement), with
+    ``press_options`` (``key_channel_compression_ratio``, decoding presses' ``target_size`` ...).
     """
     from tqdm.auto import tqdm
 
-    from evaluation.registry import make_press
+    from evaluation.registry import make_press, takes_compression_ratio
+
+    options = press_options or {}
+
+    def fresh(name: str, ratio: float):
+        return make_press(name, ratio if takes_compression_ratio(name) else None, **options)
 
     configs: list[tuple[str, float]] = []
     for name in press_names:
-        for ratio in [0.0] if name == "no_press" else ratios:
+        for ratio in ratios if takes_compression_ratio(name) else [0.0]:
             if (name, ratio) not in configs:
                 configs.append((name, ratio))
     device = next(model.parameters()).device
@@ -337,7 +344,7 @@ def run_benchmark(
     warm_ids = context_ids(tokenizer, min(warmup_length, min(lengths)), context)
     for name, ratio in configs:
         logger.info("warm-up: %s@%s on %d tokens", name, ratio, warm_ids.shape[1])
-        measure(model, tokenizer, make_press(name, ratio if name != "no_press" else None), warm_ids, 2)
+        measure(model, tokenizer, fresh(name, ratio), warm_ids, 2)
 
     common = {
         "model": model_name,
@@ -349,7 +356,7 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     jobs = [(length, name, ratio, r) for length in lengths for name, ratio in configs for r in range(repeats)]
     for length, name, ratio, repeat in tqdm(jobs, desc="benchmark", disable=not progress):
-        press = make_press(name, ratio if name != "no_press" else None)
+        press = fresh(name, ratio)
         result = measure(model, tokenizer, press, contexts[length], decode_tokens)
         result.pop("generated_ids")
         row = {**common, "press": name, "compression_ratio": ratio, "repeat": repeat, **result}
@@ -431,7 +438,7 @@ def _csv_list(text: str, cast: type) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from evaluation.registry import PRESS_REGISTRY
+    from evaluation.registry import PRESS_REGISTRY, make_press, takes_compression_ratio
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -441,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated context lengths in tokens")
     parser.add_argument("--decode_tokens", type=int, default=32, help="greedy decoding steps after the first token")
     parser.add_argument("--repeats", type=int, default=1, help="measurements per (press, ratio, length)")
+    parser.add_argument("--key_channel_compression_ratio", type=float, default=None, help="ThinK: key channels pruned")
+    parser.add_argument("--target_size", type=int, default=None, help="decoding presses: tokens kept")
+    parser.add_argument("--compression_interval", type=int, default=None, help="decoding presses: steps between")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -462,6 +472,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--lengths, --decode_tokens and --repeats must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    options = {"key_channel_compression_ratio": args.key_channel_compression_ratio, "target_size": args.target_size,
+               "compression_interval": args.compression_interval}
+    for name in press_names:  # missing or invalid press options fail before the model loads
+        try:
+            make_press(name, ratios[0] if takes_compression_ratio(name) else None, **options)
+        except ValueError as error:
+            parser.error(str(error))
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("kvpress").setLevel(logging.ERROR)
@@ -474,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {label} on {args.device} ({args.dtype}, threads={torch.get_num_threads()}) "
           f"loaded in {time.perf_counter() - start:.0f} s")
     rows = run_benchmark(model, tokenizer, press_names, ratios, lengths, args.decode_tokens, args.repeats,
-                         args.context, label, progress=not args.no_progress)
+                         args.context, label, progress=not args.no_progress, press_options=options)
 
     import pandas as pd
 

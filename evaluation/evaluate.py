@@ -4,8 +4,10 @@
         --compression_ratio 0.25,0.5,0.75 --fraction 0.1
 
 Flags follow kvpress's ``evaluation/evaluate.py`` (``--dataset --data_dir --model --press_name --compression_ratio
---fraction --max_new_tokens --max_context_length --query_aware --needle_depth --device --output_dir``); press names
-and compression ratios take comma-separated lists and the harness runs every combination. Defaults: the embedded MoE
+--fraction --max_new_tokens --max_context_length --query_aware --needle_depth --device --output_dir``, and for ThinK
+and decoding presses ``--key_channel_compression_ratio --target_size --compression_interval
+--hidden_states_buffer_size``); press names and compression ratios take comma-separated lists and the harness runs
+every combination (presses that take no ratio run once, under ratio 0). Defaults: the embedded MoE
 (built offline on first use) and offline RULER (``--data_source hub`` reads kvpress's ``simonjegou/ruler``).
 
 Every run writes kvpress's leaderboard layout, ``<output_dir>/<dataset>__<data_dir>__<model>__<press>__<ratio>/``
@@ -37,7 +39,7 @@ from transformers import DynamicCache, pipeline
 
 from evaluation.metrics import average_score, needle_scores, ruler_scores
 from evaluation.models import EMBEDDED, load_model
-from evaluation.registry import make_press
+from evaluation.registry import DECODING_OPTIONS, is_decoding_press, make_press, takes_compression_ratio
 from pikv_press import cache_lengths
 from pikv_press.prefill import PrefillRecorder, can_replay
 
@@ -64,10 +66,20 @@ class RunConfig:
     seed: int = 42
     tasks: str | None = None
     samples_per_task: int | None = None
+    key_channel_compression_ratio: float | None = None
+    target_size: int | None = None
+    compression_interval: int | None = None
+    hidden_states_buffer_size: int | None = None
+
+    def make_press(self):
+        """A fresh press for this run (see :func:`evaluation.registry.make_press`)."""
+        ratio = self.compression_ratio if takes_compression_ratio(self.press_name) else None
+        return make_press(self.press_name, ratio, key_channel_compression_ratio=self.key_channel_compression_ratio,
+                          **{k: getattr(self, k) for k in DECODING_OPTIONS})
 
     def results_dir(self, output_dir: Path) -> Path:
         model = self.model.replace("/", "--")
-        ratio = 0.0 if self.press_name == "no_press" else self.compression_ratio
+        ratio = self.compression_ratio if takes_compression_ratio(self.press_name) else 0.0
         data = str(self.data_dir).split(":")[0]  # longbench "subset:local file" -> subset
         data = Path(data).stem if "/" in data else data
         parts = [self.dataset, data, model, self.press_name, f"{ratio:.2f}"]
@@ -83,6 +95,12 @@ class RunConfig:
             parts.append(f"n{self.samples_per_task}")
         if self.needle_depth is not None and self.dataset == "needle_in_haystack":
             parts.append(f"needle_depth{self.needle_depth.replace(',', '-')}")
+        if self.key_channel_compression_ratio is not None and "think" in self.press_name:
+            parts.append(f"key_channel{self.key_channel_compression_ratio:.2f}")
+        for option in DECODING_OPTIONS:
+            value = getattr(self, option)
+            if value is not None and is_decoding_press(self.press_name):
+                parts.append(f"{option}{value}")
         return output_dir / "__".join(parts)
 
 
@@ -177,7 +195,7 @@ def run_sweep(configs: list[RunConfig], pipe, output_dir: Path, naive: bool = Fa
             context_ids = inputs["context_ids"].to(pipe.model.device)
             recorder = None
             for config in todo:
-                press = make_press(config.press_name, config.compression_ratio)
+                press = config.make_press()
                 max_new = int(first["max_new_tokens"])
                 with torch.no_grad():
                     if naive or (press is not None and not can_replay(press)):
@@ -217,7 +235,8 @@ def _save_run(config: RunConfig, df: pd.DataFrame, answers: list, kv_tokens: lis
 def results_table(results: dict[RunConfig, dict]) -> pd.DataFrame:
     """Average score per press (rows) and compression ratio (columns)."""
     rows = [
-        {"press": c.press_name, "compression_ratio": 0.0 if c.press_name == "no_press" else c.compression_ratio,
+        {"press": c.press_name,
+         "compression_ratio": c.compression_ratio if takes_compression_ratio(c.press_name) else 0.0,
          "score": average_score(m)}
         for c, m in results.items()
     ]
@@ -306,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default) or a hub id / local path")
     parser.add_argument("--press_name", default="no_press", help="comma-separated names from evaluation.registry")
     parser.add_argument("--compression_ratio", default="0.5", help="comma-separated ratios in [0, 1)")
+    parser.add_argument("--key_channel_compression_ratio", type=float, default=None,
+                        help="ThinK (think, snap_think): share of key channels pruned")
+    parser.add_argument("--target_size", type=int, default=None, help="decoding presses: tokens kept")
+    parser.add_argument("--compression_interval", type=int, default=None,
+                        help="decoding presses: decoding steps between compressions")
+    parser.add_argument("--hidden_states_buffer_size", type=int, default=None,
+                        help="decoding presses: hidden states kept for scoring")
     parser.add_argument("--fraction", type=float, default=1.0)
     parser.add_argument("--max_new_tokens", type=int, default=None)
     parser.add_argument("--max_context_length", type=int, default=None)
@@ -335,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= ratio < 1.0:
             raise SystemExit(f"--compression_ratio values must be in [0, 1), got {ratio}")
     presses = [p for p in args.press_name.split(",") if p]
-    for name in presses:
-        make_press(name)  # unknown names fail before any work
+    options = {"key_channel_compression_ratio": args.key_channel_compression_ratio,
+               **{k: getattr(args, k) for k in DECODING_OPTIONS}}
+    for name in presses:  # unknown names and missing options fail before any work
+        try:
+            RunConfig(press_name=name, compression_ratio=ratios[0] if ratios else 0.0, **options).make_press()
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
     torch.manual_seed(args.seed)
     start = time.time()
     model, tokenizer, _ = load_model(args.model, args.device)
@@ -344,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, fraction=args.fraction,
                   max_new_tokens=args.max_new_tokens, max_context_length=args.max_context_length,
                   query_aware=args.query_aware, needle_depth=args.needle_depth, data_source=args.data_source,
-                  seed=args.seed, tasks=args.tasks, samples_per_task=args.samples_per_task)
+                  seed=args.seed, tasks=args.tasks, samples_per_task=args.samples_per_task, **options)
     configs = []
     for name in presses:
-        for ratio in [0.0] if name == "no_press" else ratios:
+        for ratio in ratios if takes_compression_ratio(name) else [0.0]:
             config = RunConfig(press_name=name, compression_ratio=ratio, **common)
             if config not in configs:
                 configs.append(config)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import kvpress as kp
 from kvpress import BasePress
 
-# name -> factory. Presses that need downloads (QFilter checkpoints from the hub) fail offline with their own error;
-# they stay listed for online use. ThinK and DuoAttention compress channels / heads rather than a share of tokens and
-# take no compression_ratio: they are not in this token-ratio sweep registry.
+# name -> factory, every press of kvpress 0.5.5's evaluation registry (kvsummary, kvsquared and the
+# ThresholdPress-based kvzap entries need presses that kvpress 0.5.5 does not have). Presses that need downloads
+# (QFilter and KVzap checkpoints, DuoAttention's head patterns or its on-the-fly calibration set) fail offline with
+# their own error; they stay listed for online use. How the run's ratio reaches each press: see make_press.
 KVPRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "no_press": lambda: None,
     "knorm": kp.KnormPress,
@@ -47,8 +48,21 @@ KVPRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "qfilter": kp.QFilterPress,
     "cam_knorm": lambda: kp.CAMPress(base_press=kp.KnormPress()),
     "cam_streaming_llm": lambda: kp.CAMPress(base_press=kp.StreamingLLMPress()),
+    "kvzap_mlp_head": lambda: kp.KVzapPress(model_type="mlp"),
+    "kvzap_mlp_layer": lambda: kp.AdaKVPress(kp.KVzapPress(model_type="mlp")),
+    "think": kp.ThinKPress,
+    "snap_think": lambda: kp.ComposedPress([kp.SnapKVPress(), kp.ThinKPress()]),
+    "duo_attention": kp.DuoAttentionPress,
+    "duo_attention_on_the_fly": lambda: kp.DuoAttentionPress(on_the_fly_scoring=True),
     "decoding_knorm": lambda: kp.DecodingPress(base_press=kp.KnormPress()),
     "decoding_streaming_llm": lambda: kp.DecodingPress(base_press=kp.StreamingLLMPress()),
+    "decoding_tova": lambda: kp.DecodingPress(base_press=kp.TOVAPress()),
+    "decoding_qfilter": lambda: kp.DecodingPress(base_press=kp.QFilterPress()),
+    "decoding_keydiff": lambda: kp.DecodingPress(base_press=kp.KeyDiffPress()),
+    "decoding_adakv_expected_attention_e2": lambda: kp.DecodingPress(
+        base_press=kp.AdaKVPress(kp.ExpectedAttentionPress(epsilon=1e-2))
+    ),
+    "decoding_adakv_snapkv": lambda: kp.DecodingPress(base_press=kp.AdaKVPress(kp.SnapKVPress())),
 }
 
 # pikv-press's own presses (routing-aware presses and PiKVPress land here with their issue).
@@ -60,16 +74,74 @@ PRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {**KVPRESS_REGISTRY,
 DEMO_PRESSES = ("knorm", "snapkv", "streaming_llm", "expected_attention", "tova", "keydiff", "pyramidkv")
 
 
-def make_press(name: str, compression_ratio: float | None = None) -> BasePress | None:
-    """A fresh press from the registry, with ``compression_ratio`` set (``None`` for ``no_press``)."""
+DECODING_OPTIONS = ("target_size", "compression_interval", "hidden_states_buffer_size")
+
+
+def is_decoding_press(name: str) -> bool:
+    """Whether the press named ``name`` compresses while decoding (``decoding_*``, CAM); it takes DECODING_OPTIONS."""
+    return name in PRESS_REGISTRY and isinstance(PRESS_REGISTRY[name](), kp.DecodingPress)
+
+
+def takes_compression_ratio(name: str) -> bool:
+    """Whether the press named ``name`` uses the run's compression ratio (``no_press``, ThinK alone and decoding
+    presses do not; see :func:`make_press`)."""
     if name not in PRESS_REGISTRY:
         raise ValueError(f"Unknown press {name!r}. Known presses: {', '.join(sorted(PRESS_REGISTRY))}.")
+    if name == "no_press":
+        return False
+    return not isinstance(PRESS_REGISTRY[name](), (kp.DecodingPress, kp.ThinKPress))
+
+
+def make_press(
+    name: str,
+    compression_ratio: float | None = None,
+    *,
+    key_channel_compression_ratio: float | None = None,
+    **decoding_options: int | None,
+) -> BasePress | None:
+    """A fresh press from the registry, configured as kvpress's ``evaluate.py`` does (``None`` for ``no_press``).
+
+    * ``compression_ratio`` (the fraction of the cache removed, in [0, 1)) goes to ``compression_ratio``; for
+      DuoAttention to ``head_compression_ratio`` (the share of heads turned into streaming heads); for each member of
+      a ComposedPress to that member.
+    * ThinK prunes key channels, not tokens: it takes ``key_channel_compression_ratio`` (required, in [0, 1)).
+    * Decoding presses (``decoding_*``) compress every ``compression_interval`` decoding steps down to
+      ``target_size`` tokens (``decoding_options``: ``target_size``, ``compression_interval``,
+      ``hidden_states_buffer_size``; kvpress's defaults where ``None``); they take no compression ratio, and one
+      other than 0 raises instead of being ignored.
+    """
+    if name not in PRESS_REGISTRY:
+        raise ValueError(f"Unknown press {name!r}. Known presses: {', '.join(sorted(PRESS_REGISTRY))}.")
+    unknown = set(decoding_options) - set(DECODING_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown press options {sorted(unknown)}; decoding presses take {DECODING_OPTIONS}")
+    for label, ratio in (("compression_ratio", compression_ratio),
+                         ("key_channel_compression_ratio", key_channel_compression_ratio)):
+        if ratio is not None and not 0.0 <= ratio < 1.0:
+            raise ValueError(f"{label} must be in [0, 1) (the fraction of the cache removed), got {ratio}.")
     press = PRESS_REGISTRY[name]()
     if press is None:
         return None
-    if compression_ratio is not None:
-        if not 0.0 <= compression_ratio < 1.0:
-            raise ValueError(f"compression_ratio must be in [0, 1) (the fraction of the cache removed), got "
-                             f"{compression_ratio}.")
-        press.compression_ratio = compression_ratio
+    if isinstance(press, kp.DecodingPress):
+        if compression_ratio:
+            raise ValueError(
+                f"{name} compresses while decoding, down to target_size tokens every compression_interval steps; it "
+                f"takes no compression_ratio (got {compression_ratio}): set --target_size / --compression_interval."
+            )
+        for option, value in decoding_options.items():
+            if value is not None:
+                setattr(press, option, int(value))
+        return press
+    for member in press.presses if isinstance(press, kp.ComposedPress) else [press]:
+        if isinstance(member, kp.ThinKPress):
+            if key_channel_compression_ratio is None:
+                raise ValueError(f"{name} prunes key channels: give key_channel_compression_ratio (kvpress's "
+                                 "--key_channel_compression_ratio).")
+            member.key_channel_compression_ratio = key_channel_compression_ratio
+        elif compression_ratio is None:
+            continue
+        elif isinstance(member, kp.DuoAttentionPress):
+            member.head_compression_ratio = compression_ratio
+        else:
+            member.compression_ratio = compression_ratio
     return press

@@ -77,8 +77,11 @@ def test_layout_report_and_resume(tiny_model_dir, tiny_dataset, tmp_path, monkey
 
 
 def test_bad_arguments_fail_early(tiny_model_dir, tiny_dataset, tmp_path):
-    with pytest.raises(ValueError, match="Unknown press"):
+    with pytest.raises(SystemExit, match="Unknown press"):
         evaluate.main(["--model", str(tiny_model_dir), "--press_name", "nope", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="key_channel_compression_ratio"):
+        evaluate.main(["--model", str(tiny_model_dir), "--press_name", "think", "--output_dir", str(tmp_path)])
+
     with pytest.raises(SystemExit, match="compression_ratio"):
         evaluate.main(["--model", str(tiny_model_dir), "--compression_ratio", "1.5", "--output_dir", str(tmp_path)])
 
@@ -123,3 +126,14 @@ def test_demo_prints_answers_full_cache_first(tmp_path, capsys):
     print_answers(tmp_path, samples=1)
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[1:] == ["no_press: 7481.", "knorm@0.50: 12."]
+
+
+def test_think_and_decoding_presses_in_a_sweep(tiny_model_dir, tiny_dataset, tmp_path):
+    """ThinK gets --key_channel_compression_ratio, decoding presses --target_size; neither is swept over ratios."""
+    assert evaluate.main(["--model", str(tiny_model_dir), "--data_dir", str(tiny_dataset), "--press_name",
+                          "knorm,think,decoding_knorm", "--compression_ratio", "0.25,0.5",
+                          "--key_channel_compression_ratio", "0.5", "--target_size", "24", "--compression_interval",
+                          "2", "--output_dir", str(tmp_path), "--threads", "1"]) == 0
+    runs = sorted(p.name.split("__", 3)[3] for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["decoding_knorm__0.00__target_size24__compression_interval2", "knorm__0.25", "knorm__0.50",
+                    "think__0.00__key_channel0.50"]
