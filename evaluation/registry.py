@@ -7,6 +7,7 @@ one and sets its compression ratio.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import kvpress as kp
@@ -77,9 +78,16 @@ DEMO_PRESSES = ("knorm", "snapkv", "streaming_llm", "expected_attention", "tova"
 DECODING_OPTIONS = ("target_size", "compression_interval", "hidden_states_buffer_size")
 
 
+@functools.cache
+def _kind(name: str) -> type | None:
+    """The class of the press named ``name`` (built once: some constructors log warnings), ``None`` for no_press."""
+    press = PRESS_REGISTRY[name]()
+    return None if press is None else type(press)
+
+
 def is_decoding_press(name: str) -> bool:
     """Whether the press named ``name`` compresses while decoding (``decoding_*``, CAM); it takes DECODING_OPTIONS."""
-    return name in PRESS_REGISTRY and isinstance(PRESS_REGISTRY[name](), kp.DecodingPress)
+    return name in PRESS_REGISTRY and _kind(name) is not None and issubclass(_kind(name), kp.DecodingPress)
 
 
 def takes_compression_ratio(name: str) -> bool:
@@ -87,9 +95,8 @@ def takes_compression_ratio(name: str) -> bool:
     presses do not; see :func:`make_press`)."""
     if name not in PRESS_REGISTRY:
         raise ValueError(f"Unknown press {name!r}. Known presses: {', '.join(sorted(PRESS_REGISTRY))}.")
-    if name == "no_press":
-        return False
-    return not isinstance(PRESS_REGISTRY[name](), (kp.DecodingPress, kp.ThinKPress))
+    kind = _kind(name)
+    return kind is not None and not issubclass(kind, (kp.DecodingPress, kp.ThinKPress))
 
 
 def make_press(
