@@ -327,12 +327,9 @@ def run_benchmark(
     """
     from tqdm.auto import tqdm
 
-    from evaluation.registry import make_press, takes_compression_ratio
+    from evaluation.registry import press_for_run, takes_compression_ratio
 
     options = press_options or {}
-
-    def fresh(name: str, ratio: float):
-        return make_press(name, ratio if takes_compression_ratio(name) else None, **options)
 
     configs: list[tuple[str, float]] = []
     for name in press_names:
@@ -344,7 +341,7 @@ def run_benchmark(
     warm_ids = context_ids(tokenizer, min(warmup_length, min(lengths)), context)
     for name, ratio in configs:
         logger.info("warm-up: %s@%s on %d tokens", name, ratio, warm_ids.shape[1])
-        measure(model, tokenizer, fresh(name, ratio), warm_ids, 2)
+        measure(model, tokenizer, press_for_run(name, ratio, **options), warm_ids, 2)
 
     common = {
         "model": model_name,
@@ -356,7 +353,7 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     jobs = [(length, name, ratio, r) for length in lengths for name, ratio in configs for r in range(repeats)]
     for length, name, ratio, repeat in tqdm(jobs, desc="benchmark", disable=not progress):
-        press = fresh(name, ratio)
+        press = press_for_run(name, ratio, **options)
         result = measure(model, tokenizer, press, contexts[length], decode_tokens)
         result.pop("generated_ids")
         row = {**common, "press": name, "compression_ratio": ratio, "repeat": repeat, **result}
@@ -438,7 +435,7 @@ def _csv_list(text: str, cast: type) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from evaluation.registry import PRESS_REGISTRY, make_press, takes_compression_ratio
+    from evaluation.registry import PRESS_REGISTRY, press_for_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -476,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "compression_interval": args.compression_interval}
     for name in press_names:  # missing or invalid press options fail before the model loads
         try:
-            make_press(name, ratios[0] if takes_compression_ratio(name) else None, **options)
+            press_for_run(name, ratios[0], **options)
         except ValueError as error:
             parser.error(str(error))
 

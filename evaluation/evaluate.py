@@ -39,7 +39,7 @@ from transformers import DynamicCache, pipeline
 
 from evaluation.metrics import average_score, needle_scores, ruler_scores
 from evaluation.models import EMBEDDED, load_model
-from evaluation.registry import DECODING_OPTIONS, is_decoding_press, make_press, takes_compression_ratio
+from evaluation.registry import DECODING_OPTIONS, is_decoding_press, press_for_run, takes_compression_ratio
 from pikv_press import cache_lengths
 from pikv_press.prefill import PrefillRecorder, can_replay
 
@@ -73,9 +73,9 @@ class RunConfig:
 
     def make_press(self):
         """A fresh press for this run (see :func:`evaluation.registry.make_press`)."""
-        ratio = self.compression_ratio if takes_compression_ratio(self.press_name) else None
-        return make_press(self.press_name, ratio, key_channel_compression_ratio=self.key_channel_compression_ratio,
-                          **{k: getattr(self, k) for k in DECODING_OPTIONS})
+        return press_for_run(self.press_name, self.compression_ratio,
+                             key_channel_compression_ratio=self.key_channel_compression_ratio,
+                             **{k: getattr(self, k) for k in DECODING_OPTIONS})
 
     def results_dir(self, output_dir: Path) -> Path:
         model = self.model.replace("/", "--")
@@ -158,7 +158,6 @@ def score(dataset: str, df: pd.DataFrame) -> dict:
     return longbench_scores(df)
 
 
-# -- model ---------------------------------------------------------------------------------------------------------
 # -- running -------------------------------------------------------------------------------------------------------
 def _answer(pipe, cache, questions_ids, context_length: int, max_new_tokens: int) -> list[str]:
     """Greedy answers to each question from ``cache``, trimming each answer off the cache (kvpress's pipeline)."""

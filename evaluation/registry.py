@@ -99,6 +99,11 @@ def takes_compression_ratio(name: str) -> bool:
     return kind is not None and not issubclass(kind, (kp.DecodingPress, kp.ThinKPress))
 
 
+def press_for_run(name: str, compression_ratio: float, **options) -> BasePress | None:
+    """:func:`make_press` with a sweep's ratio, dropped for presses that take none (they run once, under ratio 0)."""
+    return make_press(name, compression_ratio if takes_compression_ratio(name) else None, **options)
+
+
 def make_press(
     name: str,
     compression_ratio: float | None = None,
