@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 class MoEficationRecipe:
     """Hyper-parameters of the MoEfication; the build cache is keyed by :meth:`fingerprint`."""
 
-    num_experts: int = 16
+    num_experts: int = 64
     """Routed experts per layer (equal size: routed neurons / num_experts)."""
-    top_k: int = 8
+    top_k: int = 32
     """Routed experts selected per token."""
     shared_neurons: int = 768
     """Neurons of the always-on shared block (a multiple of the expert size)."""
@@ -61,6 +61,9 @@ class MoEficationRecipe:
     """L-BFGS iterations of the logistic-regression router."""
     router_l2: float = 1e-4
     """L2 penalty of the router weights (on standardised inputs)."""
+    router_weighting: str = "margin"
+    """``"margin"``: each (token, expert) term of the router's loss is weighted by how far the expert's output norm
+    lies from the top-k boundary (:func:`margin_weights`); ``"none"``: plain logistic regression."""
     gate_logit_scale: float = 1e-3
     """Largest |router logit| stored in the Glm4Moe gate (keeps the sigmoid linear, weights ~1)."""
     calibration: str = "docs+generated"
@@ -72,6 +75,10 @@ class MoEficationRecipe:
     """Chat prompts answered by the dense model for the ``generated`` calibration source."""
     generated_tokens: int = 320
     """New tokens sampled per prompt."""
+
+    def __post_init__(self) -> None:
+        if self.router_weighting not in ("margin", "none"):
+            raise ValueError(f"unknown router_weighting {self.router_weighting!r}; choose 'margin' or 'none'")
 
     def fingerprint(self) -> str:
         """Short stable hash of the recipe (used in cache folder names)."""
@@ -225,10 +232,25 @@ def split_neurons(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def fit_router(x: torch.Tensor, targets: torch.Tensor, steps: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def margin_weights(norms: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, E] cost of misrouting each expert: distance of its output norm from the token's top-k boundary.
+
+    The boundary is the midpoint of the k-th and (k+1)-th largest norms; distances are divided by the token's mean
+    norm.  An expert far above the boundary is costly to drop, one far below costly to add; near-ties cost little.
+    """
+    top = norms.topk(min(k + 1, norms.shape[1]), dim=-1).values
+    boundary = top[:, k - 1 :].mean(-1, keepdim=True)
+    return (norms - boundary).abs() / norms.mean(-1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_router(
+    x: torch.Tensor, targets: torch.Tensor, steps: int, l2: float, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-label logistic regression ``sigmoid(W x + b)`` -> ``targets`` ([N, H] inputs, [N, E] 0/1 targets).
 
-    Fitted with full-batch L-BFGS on standardised inputs (deterministic), returned in the input's original scale.
+    ``weights`` ([N, E], optional) weights each term of the cross-entropy (cost-sensitive fit, see
+    :func:`margin_weights`).  Fitted with full-batch L-BFGS on standardised inputs (deterministic), returned in the
+    input's original scale.
     """
     x = x.float()
     mean = x.mean(0)
@@ -242,7 +264,7 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, steps: int, l2: float) ->
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w.T + b, y) + l2 * w.pow(2).sum()
+        loss = F.binary_cross_entropy_with_logits(z @ w.T + b, y, weight=weights) + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -251,6 +273,13 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, steps: int, l2: float) ->
         weight = w / std
         bias = b - weight @ mean
     return weight.detach().clone(), bias.detach().clone()
+
+
+def router_loss_weights(norms: torch.Tensor, recipe: MoEficationRecipe) -> torch.Tensor | None:
+    """Per-term weights of the router's loss for the recipe's ``router_weighting`` (``None``: unweighted)."""
+    if recipe.router_weighting == "margin":
+        return margin_weights(norms, recipe.top_k)
+    return None  # "none" (the recipe checks the name)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -400,9 +429,11 @@ def moefy(
         gate, up, down = mlp_weights(layer.mlp)
         acts = neuron_activations(x, gate, up)
         shared_idx, expert_idx = split_neurons(acts, down, recipe, generator, grouping)
-        oracle = topk_mask(expert_output_norms(acts, down, expert_idx), recipe.top_k)
+        norms = expert_output_norms(acts, down, expert_idx)
+        oracle = topk_mask(norms, recipe.top_k)
+        weights = router_loss_weights(norms, recipe)
         with single_thread():  # its reductions over tokens would otherwise depend on the thread count
-            weight, bias = fit_router(x, oracle, recipe.router_steps, recipe.router_l2)
+            weight, bias = fit_router(x, oracle, recipe.router_steps, recipe.router_l2, weights)
         logits = router_logits(x, weight, bias)
         split = LayerSplit(shared_idx, expert_idx, weight, bias, float(logits.abs().max()))
         chosen = topk_mask(logits, recipe.top_k)

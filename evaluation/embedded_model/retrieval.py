@@ -9,9 +9,11 @@ through kvpress's ``kv-press-text-generation`` pipeline with no press, i.e. exac
 ``no_press`` runs do (chat template around the context, question after it, greedy decoding). Scores are RULER's:
 string match, all references for the niah tasks, any reference for qa (:mod:`evaluation.metrics`).
 
-Each answer is appended to ``<out>/<variant>.jsonl`` as soon as it is produced, so an interrupted run resumes where
-it stopped (a long run on this 2-core machine takes hours). ``--report`` scores the samples that both models have
-answered and writes ``retrieval.md``, ``retrieval.json`` and ``retrieval.png`` (per-task accuracy, dense vs MoE) into
+Each answer is appended to ``<out>/<variant>.jsonl`` as soon as it is produced, with the name of the model folder that
+gave it, so an interrupted run resumes where it stopped (a long run on this 2-core machine takes hours) and answers of
+an earlier build of the embedded model are never mixed with the current one's. Several processes may answer disjoint
+``--tasks`` of one variant at once (one line per write, appended). ``--report`` scores the samples that both models
+(the dense model and the build named by ``--model``, default the cached default build) have answered and writes ``retrieval.md``, ``retrieval.json`` and ``retrieval.png`` (per-task accuracy, dense vs MoE) into
 ``--out``, with a paired comparison: samples only one model gets right, and a 95% bootstrap interval of the
 difference of the mean niah scores.
 """
@@ -41,6 +43,17 @@ VARIANTS = ("dense", "moe")
 DEFAULT_OUT = repo_root() / "results" / "embedded_model" / "retrieval"
 
 
+def model_label(variant: str, model_dir: Path | None = None) -> str:
+    """Name recorded with each answer: the dense model's cache folder, or the embedded build's folder name."""
+    from evaluation.embedded_model.build import DENSE_DIRNAME, default_model_dir
+
+    if variant == "dense":
+        return DENSE_DIRNAME
+    if variant == "moe":
+        return Path(model_dir or default_model_dir()).name
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+
+
 def load_variant(variant: str, model_dir: Path | None = None):
     """``(model, tokenizer)``: the dense SmolLM2 or the embedded MoE, both with the embedded model's tokenizer."""
     from evaluation.embedded_model.build import load_dense, load_embedded_model
@@ -64,29 +77,23 @@ def interleave_tasks(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.loc[order].reset_index(drop=True)
 
 
-def done_keys(path: Path) -> set[tuple[str, int]]:
-    """``(task, index)`` of the samples already answered in ``path``."""
-    if not path.exists():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        if line.strip():  # a line cut by a kill is not valid JSON: that sample is redone
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            keys.add((row["task"], int(row["index"])))
-    return keys
-
-
-def read_answers(path: Path) -> pd.DataFrame:
+def read_answers(path: Path, model: str | None = None) -> pd.DataFrame:
+    """Answers recorded in ``path`` (by ``model`` only, when given); a line cut by a kill is skipped."""
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return pd.DataFrame(rows, columns=["task", "index", "answer", "predicted_answer", "seconds"])
+        if model is None or row.get("model") == model:
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["task", "index", "answer", "predicted_answer", "seconds", "model"])
+
+
+def done_keys(path: Path, model: str | None = None) -> set[tuple[str, int]]:
+    """``(task, index)`` of the samples already answered in ``path`` (by ``model``, when given)."""
+    answers = read_answers(path, model)
+    return set(zip(answers["task"], answers["index"].astype(int), strict=True))
 
 
 @torch.no_grad()
@@ -104,9 +111,10 @@ def answer_samples(
     import pikv_press  # noqa: F401  (imports kvpress, which registers the kv-press-text-generation pipeline)
 
     path = out / f"{variant}.jsonl"
-    done = done_keys(path)
+    label = model_label(variant, model_dir)
+    done = done_keys(path, label)
     todo = frame[[(t, int(i)) not in done for t, i in zip(frame["task"], frame["index"], strict=True)]]
-    logger.info("%s: %d samples done, %d to go", variant, len(frame) - len(todo), len(todo))
+    logger.info("%s (%s): %d samples done, %d to go", variant, label, len(frame) - len(todo), len(todo))
     if todo.empty:
         return 0
     model, tokenizer = load_variant(variant, model_dir)
@@ -129,6 +137,7 @@ def answer_samples(
                 "answer": list(row.answer),
                 "predicted_answer": answer,
                 "seconds": round(time.perf_counter() - start, 2),
+                "model": label,
             }
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -151,11 +160,12 @@ def sample_scores(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(scores, index=frame.index)
 
 
-def paired_frame(out: Path) -> pd.DataFrame:
+def paired_frame(out: Path, model_dir: Path | None = None) -> pd.DataFrame:
     """One row per sample answered by both models: task, index, dense and moe scores."""
     frames = {}
     for variant in VARIANTS:
-        answers = read_answers(out / f"{variant}.jsonl").drop_duplicates(["task", "index"], keep="last")
+        answers = read_answers(out / f"{variant}.jsonl", model_label(variant, model_dir))
+        answers = answers.drop_duplicates(["task", "index"], keep="last")
         answers[variant] = sample_scores(answers)
         frames[variant] = answers.set_index(["task", "index"])
     both = frames["dense"][["dense"]].join(frames["moe"][["moe"]], how="inner")
@@ -170,14 +180,17 @@ def bootstrap_interval(diff: torch.Tensor, draws: int = 10000, seed: int = 0) ->
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
-def report(out: Path, command: str) -> dict:
-    both = paired_frame(out)
+def report(out: Path, command: str, model_dir: Path | None = None) -> dict:
+    both = paired_frame(out, model_dir)
     if both.empty:
-        raise SystemExit(f"no sample answered by both models in {out}: run --variant dense and --variant moe first")
+        raise SystemExit(
+            f"no sample answered by both the dense model and {model_label('moe', model_dir)} in {out}: "
+            "run --variant dense and --variant moe first"
+        )
     per_task = both.groupby("task")[["dense", "moe"]].agg(["mean", "count"])
     tasks = [t for t in (*NIAH_TASKS, *QA_TASKS) if t in per_task.index]
     niah = both[both["task"].isin(NIAH_TASKS)]
-    result: dict = {"command": command, "tasks": {}}
+    result: dict = {"command": command, "model": model_label("moe", model_dir), "tasks": {}}
     for task in tasks:
         group = both[both["task"] == task]
         result["tasks"][task] = {
@@ -233,7 +246,7 @@ def markdown(result: dict) -> str:
             f"{n['only_moe_right']}; MoE - dense {n['moe_minus_dense']:+.1f} points (95% bootstrap interval "
             f"{low:+.1f} to {high:+.1f}).",
         ]
-    lines += ["", f"Command: `{result['command']}`", ""]
+    lines += ["", f"MoE: `{result['model']}`. Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -286,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer_samples(args.variant, frame, args.out, args.max_new_tokens, args.model)
     if args.report:
         command = " ".join(["python -m evaluation.embedded_model.retrieval", *(sys.argv[1:] if argv is None else argv)])
-        print(markdown(report(args.out, command)))
+        print(markdown(report(args.out, command, args.model)))
     return 0
 
 
