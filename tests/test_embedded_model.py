@@ -322,3 +322,51 @@ def test_weighted_router_fit_follows_its_weights():
 def test_recipe_rejects_unknown_router_weighting():
     with pytest.raises(ValueError, match="router_weighting"):
         MoEficationRecipe(router_weighting="softmax")
+
+
+def test_expert_output_norms_equal_the_norms_of_the_expert_outputs():
+    g = torch.Generator().manual_seed(0)
+    acts, down = torch.randn(50, 24, generator=g), torch.randn(16, 24, generator=g)
+    expert_idx = torch.randperm(24, generator=g)[:18].reshape(3, 6)
+    direct = torch.stack([(acts[:, idx] @ down[:, idx].T).norm(dim=-1) for idx in expert_idx], dim=-1)
+    torch.testing.assert_close(expert_output_norms(acts, down, expert_idx), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_quality_table_compares_bf16_with_bf16():
+    from evaluation.embedded_model.quality import BF16_DENSE, BF16_MOE, markdown
+
+    stats = dict.fromkeys(
+        ["active_neuron_share", "router_recall_mean", "router_recall_min_layer", "router_recall_max_layer",
+         "expert_load_max_over_uniform_mean", "expert_load_max_over_uniform_worst_layer", "expert_load_cv_mean"], 0.5
+    )
+    report = {
+        "model_dir": "m", "recipe_fingerprint": "f", "ppl_windows": 4, "seq_len": 1024, "chance_recall": 0.5,
+        "routing_stats_essays": stats, "seconds": 1.0, "command": "cmd",
+        "perplexity": {
+            "dense": {"essays": 20.0, "squad": 10.0},
+            "MoE (saved Glm4Moe, router)": {"essays": 30.0, "squad": 20.0},
+            BF16_DENSE: {"essays": 25.0, "squad": 10.0},
+            BF16_MOE: {"essays": 30.0, "squad": 25.0},
+        },
+    }
+    md = markdown(report)
+    assert "| MoE (saved Glm4Moe, router) | 30.00 | 1.500 | 20.00 | 2.000 |" in md
+    assert f"| {BF16_MOE} | 30.00 | 1.200 | 25.00 | 2.500 |" in md
+
+
+def test_router_study_fits_on_some_tokens_and_tests_on_the_others(dense):
+    from evaluation.embedded_model.router_study import markdown, study_layer
+
+    x = torch.randn(300, dense.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    mlp = dense.model.layers[0].mlp
+    every = study_layer(mlp, x, 200, "8:8:cluster:none", base=RECIPE)  # all experts on: the dense FFN
+    assert every["oracle_error"] < 1e-10 and every["router_error"] < 1e-10 and every["router_recall"] == 1.0
+    rows = [{"layer": 0, "config": c, **study_layer(mlp, x, 200, c, base=RECIPE)}
+            for c in ("8:2:cluster:margin", "8:2:param:none", "8:2:random:none", "6:2:cluster:none:32")]
+    for row in rows:
+        assert 0 < row["oracle_error"] <= row["router_error"] + 0.05 and 0 <= row["router_recall"] <= 1
+    assert [r["expert_size"] for r in rows] == [8, 8, 8, 16] and rows[-1]["active_share"] == (32 + 32) / 128
+    md = markdown({"rows": rows, "fit_tokens": 200, "test_tokens": 100, "seconds": 1.0, "command": "c"})
+    assert "| 0 | 64 + 8 x 8, top-2 | 62% | param | none |" in md
+    with pytest.raises(ValueError, match="equal experts"):
+        study_layer(mlp, x, 200, "7:2:cluster:none", base=RECIPE)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +104,25 @@ PROMPT_SUBJECTS = (
     "investing in young companies",
     "the design of programming languages",
 )
+
+
+def start_command(threads: int) -> None:
+    """What every command of this package does first: log to stderr, keep the hub offline, set torch's threads."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that ran ``module`` with ``argv`` (``sys.argv[1:]`` when ``None``), as reports quote it."""
+    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """Write ``<out>/<stem>.json`` (the figures) and ``<out>/<stem>.md`` (their table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
 
 
 def repo_root() -> Path:
@@ -431,9 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--export-calibration", action="store_true", help="write the calibration ids to the package (then commit them)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
+    start_command(args.threads)
     if args.export_calibration:
         print(export_calibration(seed=args.seed))
         return 0

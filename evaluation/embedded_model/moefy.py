@@ -137,11 +137,15 @@ def neuron_importance(acts: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def expert_output_norms(acts: torch.Tensor, down: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-    """[N, E] norms of each expert's output ``down[:, idx_E] a_idx_E(x)``."""
-    out = []
-    for idx in expert_idx:
-        out.append((acts[:, idx] @ down[:, idx].T).norm(dim=-1))
-    return torch.stack(out, dim=-1)
+    """[N, E] norms of each expert's output ``down[:, idx_E] a_idx_E(x)``.
+
+    Computed as ``sqrt(a_E^T G_E a_E)`` with the expert's [m, m] Gram matrix ``G_E = down_E^T down_E``: the same
+    quantity as forming each [N, H] expert output, at m / H of the cost.
+    """
+    a = acts[:, expert_idx]  # [N, E, m]
+    d = down[:, expert_idx]  # [H, E, m]
+    gram = torch.einsum("hem,hek->emk", d, d)
+    return (torch.einsum("nem,emk->nek", a, gram) * a).sum(-1).clamp_min(0).sqrt()
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,10 +184,11 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, iters: int, gener
     # k-means++ style seeding (deterministic given the generator)
     first = int(torch.randint(n, (1,), generator=generator))
     centers = [feats[first]]
+    sim = feats @ centers[0]  # similarity to the nearest center so far
     for _ in range(1, num_clusters):
-        sim = torch.stack([feats @ c for c in centers], dim=-1).max(-1).values
         dist = (1 - sim).clamp_min(0) + 1e-12
         centers.append(feats[int(torch.multinomial(dist, 1, generator=generator))])
+        sim = torch.maximum(sim, feats @ centers[-1])
     centroids = torch.stack(centers)
     labels = balanced_assignment(feats @ centroids.T, num_clusters)
     for _ in range(iters):
@@ -201,11 +206,13 @@ def split_neurons(
     recipe: MoEficationRecipe,
     generator: torch.Generator,
     grouping: str = "cluster",
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(shared_idx [S], expert_idx [E, m])`` from calibration activations [N, I] of one layer.
 
-    ``grouping="cluster"`` is the recipe's balanced k-means; ``grouping="random"`` is a random equal partition of the
-    routed neurons (the ablation baseline).
+    ``grouping="cluster"`` is the recipe's balanced k-means on activation patterns; ``grouping="param"`` is balanced
+    k-means on the routed neurons' gate-projection rows (MoEfication's parameter clustering; needs ``gate``);
+    ``grouping="random"`` is a random equal partition of the routed neurons (the ablation baseline).
     """
     num_neurons = acts.shape[1]
     size = recipe.expert_size(num_neurons)
@@ -218,6 +225,10 @@ def split_neurons(
         pick = torch.randperm(tokens, generator=generator)[: min(tokens, recipe.cluster_tokens)]
         pattern = (acts[pick][:, routed].abs() * down[:, routed].norm(dim=0)).T  # [R, T]
         labels = balanced_kmeans(pattern, recipe.num_experts, recipe.kmeans_iters, generator)
+    elif grouping == "param":
+        if gate is None:
+            raise ValueError("grouping='param' clusters the gate-projection rows: pass gate=")
+        labels = balanced_kmeans(gate[routed], recipe.num_experts, recipe.kmeans_iters, generator)
     elif grouping == "random":
         labels = torch.randperm(routed.numel(), generator=generator) % recipe.num_experts
     else:
@@ -428,7 +439,7 @@ def moefy(
         x = layer.post_attention_layernorm(mid).reshape(-1, mid.shape[-1]).float()
         gate, up, down = mlp_weights(layer.mlp)
         acts = neuron_activations(x, gate, up)
-        shared_idx, expert_idx = split_neurons(acts, down, recipe, generator, grouping)
+        shared_idx, expert_idx = split_neurons(acts, down, recipe, generator, grouping, gate)
         norms = expert_output_norms(acts, down, expert_idx)
         oracle = topk_mask(norms, recipe.top_k)
         weights = router_loss_weights(norms, recipe)

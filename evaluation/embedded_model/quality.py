@@ -24,8 +24,6 @@ import copy
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,10 +33,13 @@ import torch
 from evaluation.embedded_model.build import (
     META_FILENAME,
     SPLITS_FILENAME,
+    command_line,
     default_model_dir,
     load_dense,
     load_splits,
     repo_root,
+    start_command,
+    write_report,
 )
 from evaluation.embedded_model.moefy import LayerSplit, MoEfiedMLP, install_reference_moe
 
@@ -170,6 +171,10 @@ def retrieval_score(model, tokenizer, frame, max_new_tokens: int | None = None) 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+BF16_DENSE = "dense (bf16)"
+BF16_MOE = "MoE (saved Glm4Moe, router, bf16)"
+
+
 def markdown(report: dict) -> str:
     ppl = report["perplexity"]
     lines = [
@@ -183,9 +188,8 @@ def markdown(report: dict) -> str:
     ]
     for name, row in ppl.items():
         e, s = row["essays"], row["squad"]
-        lines.append(
-            f"| {name} | {e:.2f} | {e / ppl['dense']['essays']:.3f} | {s:.2f} | {s / ppl['dense']['squad']:.3f} |"
-        )
+        dense = ppl[BF16_DENSE] if name in (BF16_DENSE, BF16_MOE) else ppl["dense"]  # bf16 against bf16
+        lines.append(f"| {name} | {e:.2f} | {e / dense['essays']:.3f} | {s:.2f} | {s / dense['squad']:.3f} |")
     st = report["routing_stats_essays"]
     lines += [
         "",
@@ -225,11 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retrieval-new-tokens", type=int, default=16, help="greedy tokens decoded per sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-grouping ablation")
     parser.add_argument("--no-ablation", action="store_true", help="skip the oracle-routing / random-grouping rows")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also score dense and the saved MoE loaded in bfloat16 (ratio bf16 / bf16)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
+    start_command(args.threads)
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
@@ -284,6 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if mods is not None:
                 for m in mods:
                     m.stats = None
+    if args.bf16:  # the router runs in float32 inside Glm4Moe, on bf16 hidden states and a bf16-rounded gate
+        for name, load in (
+            (BF16_DENSE, lambda: load_dense(dtype=torch.bfloat16)[0]),
+            (BF16_MOE, lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()),
+        ):
+            model = load()
+            ppl[name] = {}
+            for domain, windows in domains.items():
+                t = time.perf_counter()
+                ppl[name][domain] = perplexity(model, windows)
+                logger.info("%s / %s: ppl %.3f (%.0f s)", name, domain, ppl[name][domain], time.perf_counter() - t)
+            del model
     saved, ref = ppl["MoE (saved Glm4Moe, router)"], ppl["MoE reference (in-memory, router)"]
     report = {
         "model_dir": str(model_dir),
@@ -294,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ppl_windows": args.ppl_tokens // args.seq_len,
         "perplexity": ppl,
         "ppl_ratio_moe_over_dense": {d: saved[d] / ppl["dense"][d] for d in domains},
+        **(
+            {"ppl_ratio_moe_over_dense_bf16": {d: ppl[BF16_MOE][d] / ppl[BF16_DENSE][d] for d in domains}}
+            if args.bf16
+            else {}
+        ),
         "saved_vs_reference_relative_ppl_gap": {d: abs(saved[d] - ref[d]) / ref[d] for d in domains},
         "routing_stats_essays": stats["essays"],
         "routing_stats_squad": stats["squad"],
@@ -316,12 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         logger.info("retrieval: dense %.3f, MoE %.3f", dense_score, moe_score)
     report["seconds"] = time.perf_counter() - start
-    report["command"] = " ".join(
-        ["python -m evaluation.embedded_model.quality", *(sys.argv[1:] if argv is None else argv)]
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2))
-    (args.out / "quality.md").write_text(markdown(report))
+    report["command"] = command_line("evaluation.embedded_model.quality", argv)
+    write_report(args.out, "quality", report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -13,9 +13,10 @@ Each answer is appended to ``<out>/<variant>.jsonl`` as soon as it is produced, 
 gave it, so an interrupted run resumes where it stopped (a long run on this 2-core machine takes hours) and answers of
 an earlier build of the embedded model are never mixed with the current one's. Several processes may answer disjoint
 ``--tasks`` of one variant at once (one line per write, appended). ``--report`` scores the samples that both models
-(the dense model and the build named by ``--model``, default the cached default build) have answered and writes ``retrieval.md``, ``retrieval.json`` and ``retrieval.png`` (per-task accuracy, dense vs MoE) into
-``--out``, with a paired comparison: samples only one model gets right, and a 95% bootstrap interval of the
-difference of the mean niah scores.
+(the dense model and the build named by ``--model``, default the cached default build) have answered and writes
+``retrieval.md``, ``retrieval.json`` and ``retrieval.png`` (per-task accuracy, dense vs MoE) into ``--out``, with a
+paired comparison: samples only one model gets right, and a 95% bootstrap interval of the difference of the mean niah
+scores.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 import torch
 
 from evaluation.data.ruler import RULER_TASKS
-from evaluation.embedded_model.build import repo_root
+from evaluation.embedded_model.build import command_line, repo_root, start_command, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +213,7 @@ def report(out: Path, command: str, model_dir: Path | None = None) -> dict:
     qa = both[both["task"].isin(QA_TASKS)]
     if not qa.empty:
         result["qa"] = {"samples": len(qa), "dense": 100 * qa["dense"].mean(), "moe": 100 * qa["moe"].mean()}
-    (out / "retrieval.json").write_text(json.dumps(result, indent=2))
-    (out / "retrieval.md").write_text(markdown(result))
+    write_report(out, "retrieval", result, markdown(result))
     plot(result, out / "retrieval.png")
     return result
 
@@ -287,10 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.variant and not args.report:
         parser.error("give --variant dense|moe, --report, or both")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    start_command(args.threads)
     logging.getLogger("kvpress").setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     if args.variant:
         from evaluation.data.ruler import load_ruler
 
@@ -298,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frame = interleave_tasks(frame.assign(index=frame.groupby("task").cumcount()))
         answer_samples(args.variant, frame, args.out, args.max_new_tokens, args.model)
     if args.report:
-        command = " ".join(["python -m evaluation.embedded_model.retrieval", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line("evaluation.embedded_model.retrieval", argv)
         print(markdown(report(args.out, command, args.model)))
     return 0
 
