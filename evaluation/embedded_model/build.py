@@ -409,9 +409,18 @@ def build(
 
 
 def load_embedded_model(
-    path: Path | str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, build_if_missing: bool = True
+    path: Path | str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    build_if_missing: bool = True,
+    dense_masked: bool = True,
 ):
-    """``(Glm4MoeForCausalLM, tokenizer)`` of the embedded default model, building it on first use."""
+    """``(Glm4MoeForCausalLM, tokenizer)`` of the embedded default model, building it on first use.
+
+    ``dense_masked`` runs its 64 small experts as two large matmuls (:mod:`pikv_press.moe.experts`; same outputs to
+    rounding, about 1.4x faster prefill than transformers' eager loop and 1.7x faster than its default ``grouped_mm``
+    on this machine's CPU); ``False`` keeps transformers' default.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path) if path is not None else default_model_dir(RECIPE, seed)
@@ -424,6 +433,10 @@ def load_embedded_model(
         recipe = MoEficationRecipe(**json.loads((path / META_FILENAME).read_text())["recipe"])
         splits = load_splits(path / SPLITS_FILENAME)
         model.config.router_logit_scale = [split.gate_scale(recipe.gate_logit_scale) for split in splits]
+    if dense_masked:
+        from pikv_press.moe.experts import use_dense_masked_experts
+
+        use_dense_masked_experts(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
