@@ -36,3 +36,14 @@ def test_dense_masked_experts_match_eager(family):
 def test_dense_masked_experts_reject_dense_models():
     with pytest.raises(ValueError, match="no experts module"):
         use_dense_masked_experts(build_model("llama"))
+
+
+def test_experts_speed_times_prefill_and_decode():
+    from evaluation.experts_speed import time_implementation
+
+    model = build_model("qwen3_moe")
+    ids = torch.randint(100, (1, 12), generator=torch.Generator().manual_seed(1))
+    prefill, decode, logits = time_implementation(model, ids, decode_tokens=3)
+    assert prefill > 0 and decode > 0
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(ids).logits[0, -1])
