@@ -29,6 +29,7 @@ from pikv_press.moe import (
     RoutingRecord,
     get_anatomy,
     supported_families,
+    use_dense_masked_experts,
 )
 
 __version__ = "0.1.0"
@@ -50,4 +51,5 @@ __all__ = [
     "install_kvpress_compat",
     "supported_families",
     "uninstall_kvpress_compat",
+    "use_dense_masked_experts",
 ]

@@ -5,6 +5,7 @@ This subpackage is the only place in pikv-press that knows how each model family
 
 from pikv_press.moe.anatomy import MoEAnatomy, get_anatomy, language_model_of
 from pikv_press.moe.attention import AttentionLayout
+from pikv_press.moe.experts import DENSE_MASKED, use_dense_masked_experts
 from pikv_press.moe.families import (
     DENSE_FAMILIES,
     MOE_FAMILIES,
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionKind",
     "AttentionLayout",
     "DENSE_FAMILIES",
+    "DENSE_MASKED",
     "FamilySpec",
     "MOE_FAMILIES",
     "MoEAnatomy",
@@ -32,4 +34,5 @@ __all__ = [
     "get_anatomy",
     "language_model_of",
     "supported_families",
+    "use_dense_masked_experts",
 ]
