@@ -370,3 +370,26 @@ def test_router_study_fits_on_some_tokens_and_tests_on_the_others(dense):
     assert "| 0 | 64 + 8 x 8, top-2 | 62% | param | none |" in md
     with pytest.raises(ValueError, match="equal experts"):
         study_layer(mlp, x, 200, "7:2:cluster:none", base=RECIPE)
+
+
+def test_embedded_model_loads_with_dense_masked_experts(moe, tmp_path):
+    """load_embedded_model runs the experts dense-masked (same outputs to rounding); dense_masked=False keeps eager."""
+    import json
+
+    from evaluation.embedded_model.build import META_FILENAME, load_embedded_model
+    from pikv_press.moe import DENSE_MASKED
+    from pikv_press.testing import build_tokenizer
+
+    moe.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / META_FILENAME).write_text(json.dumps({"recipe": RECIPE.__dict__}))
+    fast, _ = load_embedded_model(tmp_path, build_if_missing=False)
+    plain, _ = load_embedded_model(tmp_path, build_if_missing=False, dense_masked=False)
+    assert fast.config._experts_implementation == DENSE_MASKED
+    assert plain.config._experts_implementation != DENSE_MASKED
+    plain.set_experts_implementation("eager")
+    ids = token_ids(6, batch=2, length=48)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="embedded_model.build"):
+        load_embedded_model(tmp_path / "missing", build_if_missing=False)
