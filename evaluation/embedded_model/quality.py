@@ -36,6 +36,7 @@ from evaluation.embedded_model.build import (
     command_line,
     default_model_dir,
     load_dense,
+    load_embedded_model,
     load_splits,
     repo_root,
     start_command,
@@ -290,9 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for m in mods:
                     m.stats = None
     if args.bf16:  # the router runs in float32 inside Glm4Moe, on bf16 hidden states and a bf16-rounded gate
+        # dense-masked experts: transformers' default grouped_mm rejects bf16 experts of 12 neurons on the CPU
+        # ("strides should be multiple of 16 bytes")
         for name, load in (
             (BF16_DENSE, lambda: load_dense(dtype=torch.bfloat16)[0]),
-            (BF16_MOE, lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()),
+            (BF16_MOE, lambda: load_embedded_model(model_dir, dtype=torch.bfloat16, build_if_missing=False)[0]),
         ):
             model = load()
             ppl[name] = {}
