@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation import evaluate
+from evaluation.models import EMBEDDED, model_tag
 from evaluation.registry import DEMO_PRESSES, PIKV_REGISTRY
 
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue"
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         forwarded += ["--threads", str(args.threads)]
     status = evaluate.main(forwarded)
     if status == 0:
-        print_answers(Path(args.output_dir), samples=2)
+        print_answers(Path(args.output_dir), samples=2, model=model_tag(EMBEDDED))
     return status
 
 
@@ -53,9 +54,11 @@ def _predictions(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, dtype={"predicted_answer": str})
 
 
-def print_answers(output_dir: Path, samples: int) -> None:
-    """The first ``samples`` answers of every run in ``output_dir``, full cache first."""
+def print_answers(output_dir: Path, samples: int, model: str | None = None) -> None:
+    """The first ``samples`` answers of every run in ``output_dir`` (of ``model``'s runs only, given its run-folder
+    tag, see :func:`evaluation.models.model_tag`), full cache first."""
     runs = sorted(output_dir.glob("*/predictions.csv"), key=lambda p: ("__no_press__" not in str(p), str(p)))
+    runs = [p for p in runs if model is None or p.parent.name.split("__")[2] == model]
     if not runs:
         return
     first = _predictions(runs[0]).head(samples)

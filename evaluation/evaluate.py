@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
 from evaluation.metrics import average_score, needle_scores, ruler_scores
-from evaluation.models import EMBEDDED, load_model
+from evaluation.models import EMBEDDED, load_model, model_tag
 from evaluation.registry import DECODING_OPTIONS, is_decoding_press, press_for_run, takes_compression_ratio
 from pikv_press import cache_lengths
 from pikv_press.prefill import PrefillRecorder, can_replay
@@ -78,7 +78,7 @@ class RunConfig:
                              **{k: getattr(self, k) for k in DECODING_OPTIONS})
 
     def results_dir(self, output_dir: Path) -> Path:
-        model = self.model.replace("/", "--")
+        model = model_tag(self.model)
         ratio = self.compression_ratio if takes_compression_ratio(self.press_name) else 0.0
         data = str(self.data_dir).split(":")[0]  # longbench "subset:local file" -> subset
         data = Path(data).stem if "/" in data else data

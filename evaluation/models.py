@@ -9,6 +9,17 @@ import torch
 EMBEDDED = "embedded"
 
 
+def model_tag(name: str) -> str:
+    """The model's part of a run folder's name: ``embedded-<build folder>`` for the embedded model, so that a run of
+    an earlier build (another recipe) is never taken for a finished run of the current one; otherwise the name with
+    ``/`` replaced by ``--`` (kvpress's layout)."""
+    if name == EMBEDDED:
+        from evaluation.embedded_model.build import default_model_dir
+
+        return f"{EMBEDDED}-{default_model_dir().name}"
+    return name.replace("/", "--")
+
+
 def load_model(name: str, device: str | None = None, dtype: torch.dtype | None = None):
     """``(model, tokenizer, label)`` in eval mode.
 

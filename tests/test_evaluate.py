@@ -123,7 +123,11 @@ def test_demo_prints_answers_full_cache_first(tmp_path, capsys):
         run.mkdir()
         pd.DataFrame({"task": ["niah_single_1"], "answer": [["7481"]], "predicted_answer": [answer]}).to_csv(
             run / "predictions.csv", index=False)
-    print_answers(tmp_path, samples=1)
+    stale = tmp_path / "ruler__4096__embedded-older__knorm__0.50"  # a run of another build: not printed
+    stale.mkdir()
+    pd.DataFrame({"task": ["niah_single_1"], "answer": [["7481"]], "predicted_answer": ["stale"]}).to_csv(
+        stale / "predictions.csv", index=False)
+    print_answers(tmp_path, samples=1, model="embedded")
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[1:] == ["no_press: 7481.", "knorm@0.50: 12."]
 
@@ -137,3 +141,18 @@ def test_think_and_decoding_presses_in_a_sweep(tiny_model_dir, tiny_dataset, tmp
     runs = sorted(p.name.split("__", 3)[3] for p in tmp_path.iterdir() if p.is_dir())
     assert runs == ["decoding_knorm__0.00__target_size24__compression_interval2", "knorm__0.25", "knorm__0.50",
                     "think__0.00__key_channel0.50"]
+
+
+def test_embedded_runs_are_named_after_the_build(tmp_path, monkeypatch):
+    """Runs of the embedded model carry its build folder: a new recipe never reuses an older build's finished runs."""
+    import importlib
+
+    build_module = importlib.import_module("evaluation.embedded_model.build")  # the package exports a function `build`
+    config = evaluate.RunConfig(press_name="knorm", compression_ratio=0.5)
+    monkeypatch.setattr(build_module, "default_model_dir", lambda *a, **k: tmp_path / "smollm2-moe-aaaa")
+    first = config.results_dir(tmp_path).name
+    monkeypatch.setattr(build_module, "default_model_dir", lambda *a, **k: tmp_path / "smollm2-moe-bbbb")
+    second = config.results_dir(tmp_path).name
+    assert first == "ruler__4096__embedded-smollm2-moe-aaaa__knorm__0.50" and first != second
+    hub = evaluate.RunConfig(model="Qwen/Qwen3-30B-A3B", press_name="knorm", compression_ratio=0.5)
+    assert hub.results_dir(tmp_path).name == "ruler__4096__Qwen--Qwen3-30B-A3B__knorm__0.50"
