@@ -57,11 +57,13 @@ DEFAULT_CONFIGS = "16:8:cluster:none,32:16:cluster:none,64:32:cluster:none,64:32
 
 
 @torch.no_grad()
-def ffn_inputs(layers: Sequence[int], batch_size: int = 4) -> dict[int, torch.Tensor]:
-    """[N, H] inputs of each listed layer's FFN for the calibration tokens (dense model, float32)."""
+def ffn_inputs(dense, layers: Sequence[int], batch_size: int = 4) -> dict[int, torch.Tensor]:
+    """[N, H] inputs of each listed layer's FFN for the calibration tokens (dense model, float32).
+
+    Keeps only the layers up to the last one listed in ``dense`` (in place): the ones above are never needed.
+    """
     from tqdm.auto import tqdm
 
-    dense, _ = load_dense()
     slice_layers(dense, max(layers) + 1)
     ids = load_calibration_ids(shipped_calibration_path(calibration_key(RECIPE, 0)), RECIPE)
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -168,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for config in configs:
         if len(config.split(":")) not in (4, 5):
             parser.error(f"config {config!r} is not experts:top_k:grouping:weighting[:shared_neurons]")
-    inputs = ffn_inputs(layers)
-    fit_tokens = FIT_SEQUENCES * RECIPE.calibration_seq_len
     dense, _ = load_dense()
+    inputs = ffn_inputs(dense, layers)
+    fit_tokens = FIT_SEQUENCES * RECIPE.calibration_seq_len
     rows = []
     for layer in layers:
         for config in configs:
