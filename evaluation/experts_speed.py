@@ -6,7 +6,8 @@ transformers runs a MoE's routed experts expert by expert (``eager``) or through
 torch has it) or ``batched_mm``; :mod:`pikv_press.moe.experts` adds ``pikv_dense_masked`` (every expert on every
 token, unselected ones weighted 0). Each implementation runs the same random prompt: one prefill, then greedy decoding
 from its cache; the table reports the seconds and the largest logit difference from eager on the prefill (non-zero:
-the additions run in another order, and routing near-ties may then flip). Writes nothing; prints a markdown table.
+the additions run in another order, and routing near-ties may then flip). Prints a markdown table and writes it,
+with the figures as JSON, to ``--out`` (``experts_speed.md`` / ``experts_speed.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -47,8 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated, from {IMPLEMENTATIONS} (batched_mm gathers one weight matrix per token and expert)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("results/experts_speed"))
     args = parser.parse_args(argv)
-    from evaluation.embedded_model.build import command_line, default_model_dir, load_embedded_model, start_command
+    from evaluation.embedded_model.build import (
+        command_line,
+        default_model_dir,
+        load_embedded_model,
+        start_command,
+        write_report,
+    )
     from pikv_press.moe.experts import DENSE_MASKED, use_dense_masked_experts
 
     start_command(args.threads)
@@ -67,14 +76,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefill, decode, logits = time_implementation(model, ids, args.decode_tokens)
         reference = logits if reference is None else reference
         rows.append((name, prefill, decode, float((logits - reference).abs().max())))
-    first = names[0]
-    print(f"Embedded model `{default_model_dir().name}`, {args.length}-token prefill, {args.decode_tokens} decoded "
-          f"tokens, {args.threads} threads; logit difference from `{first}` at the last prompt position.\n")
-    print("| experts implementation | prefill s | decode ms/token | max logit difference |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, prefill, decode, diff in rows:
-        print(f"| {name} | {prefill:.1f} | {decode:.0f} | {diff:.2e} |")
-    print(f"\n`{command_line('evaluation.experts_speed', argv)}`")
+    command = command_line("evaluation.experts_speed", argv)
+    lines = [
+        f"Embedded model `{default_model_dir().name}`, {args.length}-token prefill, {args.decode_tokens} decoded "
+        f"tokens, {args.threads} threads; logit difference from `{names[0]}` at the last prompt position.",
+        "",
+        "| experts implementation | prefill s | decode ms/token | max logit difference |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {name} | {prefill:.1f} | {decode:.0f} | {diff:.2e} |" for name, prefill, decode, diff in rows),
+        "",
+        f"`{command}`",
+        "",
+    ]
+    report = {
+        "command": command,
+        "rows": [dict(zip(("implementation", "prefill_s", "decode_ms_per_token", "max_logit_diff"), r, strict=True))
+                 for r in rows],
+    }
+    write_report(args.out, "experts_speed", report, "\n".join(lines))
+    print("\n".join(lines))
     return 0
 
 

@@ -418,7 +418,7 @@ def load_embedded_model(
     """``(Glm4MoeForCausalLM, tokenizer)`` of the embedded default model, building it on first use.
 
     ``dense_masked`` runs its 64 small experts as two large matmuls (:mod:`pikv_press.moe.experts`; same outputs to
-    rounding; a 2048-token prefill 1.6x faster than transformers' eager loop and 1.7x faster than its default
+    rounding; a 2048-token prefill 1.5-1.6x faster than transformers' eager loop and 1.7x faster than its default
     ``grouped_mm`` on this machine's CPU, see ``python -m evaluation.experts_speed``); ``False`` keeps transformers'
     default.
     """
