@@ -93,6 +93,14 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
+def logged_perplexity(name: str, domain: str, model, windows: torch.Tensor) -> float:
+    """:func:`perplexity`, logged with the variant's name, the domain and the seconds it took."""
+    start = time.perf_counter()
+    value = perplexity(model, windows)
+    logger.info("%s / %s: ppl %.3f (%.0f s)", name, domain, value, time.perf_counter() - start)
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Routing statistics
 # ----------------------------------------------------------------------------------------------------------------------
@@ -282,9 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 set_mode(mods, mode)
                 for m in mods:
                     m.stats = {}
-            t = time.perf_counter()
-            ppl[name][domain] = perplexity(model, windows)
-            logger.info("%s / %s: ppl %.3f (%.0f s)", name, domain, ppl[name][domain], time.perf_counter() - t)
+            ppl[name][domain] = logged_perplexity(name, domain, model, windows)
             if mods is not None and mode == "router":
                 stats[domain] = routing_stats(mods, num_neurons)
             if mods is not None:
@@ -298,11 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (BF16_MOE, lambda: load_embedded_model(model_dir, dtype=torch.bfloat16, build_if_missing=False)[0]),
         ):
             model = load()
-            ppl[name] = {}
-            for domain, windows in domains.items():
-                t = time.perf_counter()
-                ppl[name][domain] = perplexity(model, windows)
-                logger.info("%s / %s: ppl %.3f (%.0f s)", name, domain, ppl[name][domain], time.perf_counter() - t)
+            ppl[name] = {domain: logged_perplexity(name, domain, model, windows) for domain, windows in domains.items()}
             del model
     saved, ref = ppl["MoE (saved Glm4Moe, router)"], ppl["MoE reference (in-memory, router)"]
     report = {
