@@ -1,0 +1,125 @@
+"""pikv_press.answer on tiny random models: greedy answers equal kvpress's pipeline, teacher forcing equals greedy."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import DynamicCache, pipeline
+
+from pikv_press.answer import (
+    answer_questions,
+    greedy_reproduces,
+    greedy_tokens,
+    layer_lengths,
+    teacher_forced_score,
+    trim_cache,
+    value_tokenizations,
+)
+from pikv_press.prefill import PrefillRecorder
+from pikv_press.testing import TRAINING_TEXT, build_model, build_tokenizer
+from evaluation.registry import make_press
+
+CONTEXT = " ".join(TRAINING_TEXT[:6]) + " The special magic number is 7481."
+QUESTIONS = [" What is the number?", " Which word comes last?"]
+PRESSES = ("no_press", "knorm", "snapkv", "pyramidkv")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = build_model("qwen3_moe"), build_tokenizer()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    inputs = pipe.preprocess(CONTEXT, QUESTIONS, " Answer:", 10**9)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+    return model, tokenizer, pipe, inputs, recorder.snapshot
+
+
+@pytest.mark.parametrize("name", PRESSES)
+def test_greedy_answers_equal_kvpress_pipeline(setup, name):
+    model, tokenizer, pipe, inputs, snapshot = setup
+    press = make_press(name, 0.5)
+    cache = snapshot.replay(press)
+    before = layer_lengths(cache)
+    ours = answer_questions(model, tokenizer, cache, inputs["questions_ids"], inputs["context_ids"].shape[1], 6)
+    assert layer_lengths(cache) == before  # answers trimmed off: the compressed context is left as it was
+    theirs = pipe(CONTEXT, questions=QUESTIONS, answer_prefix=" Answer:", press=make_press(name, 0.5),
+                  max_new_tokens=6)["answers"]
+    assert ours == theirs
+
+
+def _golds(tokenizer, tokens: list[int]) -> list[list[str]]:
+    """Gold answers that greedy decoding does and does not write: pieces of its own answer, altered pieces."""
+    golds = []
+    for start, length in itertools.product(range(4), (1, 2, 4)):
+        piece = tokenizer.decode(tokens[start:start + length], skip_special_tokens=True).strip()
+        if piece:
+            golds += [[piece], [piece + "x"], ["q" + piece]]
+    pieces = [tokenizer.decode(tokens[i:i + 2], skip_special_tokens=True).strip() for i in (0, 2, 4, 6)]
+    pieces = [p for p in pieces if p]
+    golds += [pieces[:2], pieces[:3], pieces[1:3], [pieces[0], "zzz", pieces[2]]]
+    return golds
+
+
+def test_teacher_forced_verdict_is_greedy_generation(setup):
+    """For every gold answer, the teacher-forced verdicts are exactly what the decoded greedy answer writes."""
+    model, tokenizer, _, inputs, snapshot = setup
+    context_length = inputs["context_ids"].shape[1]
+    stop = {int(model.generation_config.eos_token_id)}
+    seen = set()
+    for name, question_ids in itertools.product(PRESSES, inputs["questions_ids"]):
+        cache = snapshot.replay(make_press(name, 0.5))
+        before = layer_lengths(cache)
+        lengths = layer_lengths(cache)
+        tokens = greedy_tokens(model, cache, question_ids, context_length, max_new_tokens=12)
+        trim_cache(cache, lengths)
+        for gold in _golds(tokenizer, tokens):
+            for budget in (12, 5):
+                score = teacher_forced_score(model, tokenizer, cache, question_ids, context_length, gold,
+                                             max_new_tokens=budget, max_lead_in=3)
+                expected = greedy_reproduces(tokens[:budget], [value_tokenizations(tokenizer, v) for v in gold],
+                                             stop, max_lead_in=3)
+                in_order = expected.index(False) if False in expected else len(expected)
+                assert score.exact == all(expected), (name, gold, budget)
+                assert score.share == in_order / len(gold)
+                assert score.values[:in_order + 1] == expected[:in_order + 1]
+                assert score.nll > 0 and score.tokens >= len(gold)
+                seen.add(score.exact)
+                any_score = teacher_forced_score(model, tokenizer, cache, question_ids, context_length, gold,
+                                                 match="any", max_new_tokens=budget, max_lead_in=3)
+                alone = [greedy_reproduces(tokens[:budget], [value_tokenizations(tokenizer, v)], stop, 3)[0]
+                         for v in gold]
+                assert any_score.exact == any(alone) and any_score.values == alone
+        assert layer_lengths(cache) == before
+    assert seen == {True, False}  # both verdicts were exercised
+
+
+def test_lead_in_is_the_greedy_text_before_the_value(setup):
+    model, tokenizer, _, inputs, snapshot = setup
+    context_length = inputs["context_ids"].shape[1]
+    cache = snapshot.replay(None)
+    question = inputs["questions_ids"][0]
+    lengths = layer_lengths(cache)
+    tokens = greedy_tokens(model, cache, question, context_length, max_new_tokens=8)
+    trim_cache(cache, lengths)
+    for cut in range(1, 4):
+        gold = tokenizer.decode(tokens[cut:cut + 3])
+        if value_tokenizations(tokenizer, gold)[0] != tokens[cut:cut + 3]:
+            continue
+        score = teacher_forced_score(model, tokenizer, cache, question, context_length, [gold], max_lead_in=8)
+        expected = greedy_reproduces(tokens, [value_tokenizations(tokenizer, gold)], set(), 8)
+        assert score.exact == expected[0]
+        if score.exact:
+            assert tokenizer.decode(tokens).startswith(score.lead_in[0])
+
+
+def test_bad_arguments(setup):
+    model, tokenizer, _, inputs, snapshot = setup
+    cache = snapshot.replay(None)
+    with pytest.raises(ValueError, match="match must be"):
+        teacher_forced_score(model, tokenizer, cache, inputs["questions_ids"][0], 10, ["a"], match="some")
+    with pytest.raises(ValueError, match="at least one reference"):
+        teacher_forced_score(model, tokenizer, cache, inputs["questions_ids"][0], 10, [])
+    with pytest.raises(ValueError, match="no tokens"):
+        value_tokenizations(tokenizer, "")
