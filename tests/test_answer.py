@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, pipeline
 
+from evaluation.registry import make_press
 from pikv_press.answer import (
     answer_questions,
     greedy_reproduces,
@@ -19,7 +20,6 @@ from pikv_press.answer import (
 )
 from pikv_press.prefill import PrefillRecorder
 from pikv_press.testing import TRAINING_TEXT, build_model, build_tokenizer
-from evaluation.registry import make_press
 
 CONTEXT = " ".join(TRAINING_TEXT[:6]) + " The special magic number is 7481."
 QUESTIONS = [" What is the number?", " Which word comes last?"]
