@@ -10,9 +10,9 @@ EMBEDDED = "embedded"
 
 
 def model_tag(name: str) -> str:
-    """The model's part of a run folder's name: ``embedded-<build folder>`` for the embedded model, so that a run of
-    an earlier build (another recipe) is never taken for a finished run of the current one; otherwise the name with
-    ``/`` replaced by ``--`` (kvpress's layout)."""
+    """The model's part of a run folder's name: ``embedded-<build folder>`` for the embedded model (the folder is
+    named after the shipped artifact's hash), so that a run of another artifact is never taken for a finished run of
+    the current one; otherwise the name with ``/`` replaced by ``--`` (kvpress's layout)."""
     if name == EMBEDDED:
         from evaluation.embedded_model.build import default_model_dir
 

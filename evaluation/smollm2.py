@@ -45,3 +45,28 @@ def load_dense_model(dtype=None):
         str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32
     )
     return model.eval()
+
+
+GGUF_FFN_NAMES = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+def dequantized_ffn(num_layers: int | None = None) -> dict:
+    """``{"model.layers.<i>.mlp.<gate|up|down>_proj.weight": float32 tensor}`` straight from the GGUF file.
+
+    The same values as transformers' GGUF loader gives (it calls the same ``gguf.dequantize`` and permutes only the
+    attention's q/k rows): Q4_1 blocks are ``d * q + m`` in float32, each numpy operation rounded once, elementwise,
+    so the result does not depend on the CPU's vector width or the thread count.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+
+    tensors = {t.name: t for t in GGUFReader(gguf_path()).tensors}
+    layers = sum(1 for name in tensors if name.endswith(".ffn_gate.weight"))
+    out = {}
+    for i in range(layers if num_layers is None else num_layers):
+        for gguf_name, hf_name in GGUF_FFN_NAMES.items():
+            tensor = tensors[f"blk.{i}.{gguf_name}.weight"]
+            values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            out[f"model.layers.{i}.mlp.{hf_name}.weight"] = torch.from_numpy(values.copy())
+    return out

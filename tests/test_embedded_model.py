@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -173,18 +174,24 @@ def test_router_recall_above_chance(dense, splits):
 
 
 @pytest.mark.slow
-def test_real_model_two_layer_build(tmp_path):
-    """Build the real SmolLM2 recipe on 2 layers; the saved Glm4Moe equals the in-memory reference MoE."""
+def test_real_model_two_layer_fit_and_build(tmp_path):
+    """Fit the real SmolLM2 recipe on 2 layers into an artifact and build from it: the build verifies every tensor's
+    hash against the fit's manifest, and the saved Glm4Moe equals the in-memory reference MoE."""
     from transformers import AutoModelForCausalLM
 
+    from evaluation.embedded_model.artifact import read_artifact
     from evaluation.embedded_model.build import RECIPE as REAL
-    from evaluation.embedded_model.build import SPLITS_FILENAME, build, load_dense, load_splits
+    from evaluation.embedded_model.build import build, load_dense
+    from evaluation.embedded_model.fit import fit
 
-    path = build(tmp_path / "moe", seed=0, num_layers=2)
+    artifacts = tmp_path / "artifacts"
+    name = fit(seed=0, num_layers=2, directory=artifacts)
+    path = build(tmp_path / "moe", artifact=name, directory=artifacts)
     moe = AutoModelForCausalLM.from_pretrained(path).eval()
     dense, tokenizer = load_dense(num_layers=2)
+    layers, recipe, _ = read_artifact(name, artifacts)
     reference = copy.deepcopy(dense)
-    install_reference_moe(reference, load_splits(path / SPLITS_FILENAME), REAL.top_k)
+    install_reference_moe(reference, [layer.fitted_split(recipe.gate_logit_scale) for layer in layers], REAL.top_k)
     text = "Mixture-of-experts layers route every token to a few experts. " + "Routing is discrete, so a near-tie "
     text += "between two experts may resolve differently in the two implementations; compare losses, not logits."
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -238,23 +245,23 @@ def test_masked_output_is_shared_block_plus_selected_experts(dense, splits):
 
 
 def test_default_recipe_ships_its_calibration_ids():
-    """The real build reads the committed calibration ids: no generation, same tokens on every machine."""
+    """The real fit reads the committed calibration ids: no generation, same tokens on every machine."""
     import importlib
 
-    build_module = importlib.import_module("evaluation.embedded_model.build")  # the package exports a function `build`
-    key = build_module.calibration_key(build_module.RECIPE, 0)
-    path = build_module.shipped_calibration_path(key)
-    assert path.exists(), f"{path} missing: run python -m evaluation.embedded_model.build --export-calibration"
+    fit_module = importlib.import_module("evaluation.embedded_model.fit")  # the module, not its function `fit`
+    key = fit_module.calibration_key(fit_module.RECIPE, 0)
+    path = fit_module.shipped_calibration_path(key)
+    assert path.exists(), f"{path} missing: run python -m evaluation.embedded_model.fit --export-calibration"
     # model and tokenizer are only needed to generate: None proves the shipped file is used
-    ids = build_module.calibration_ids(None, None, build_module.RECIPE, 0)
-    recipe = build_module.RECIPE
+    ids = fit_module.calibration_ids(None, None, fit_module.RECIPE, 0)
+    recipe = fit_module.RECIPE
     assert ids.dtype == torch.long
     assert ids.shape == (recipe.calibration_tokens // recipe.calibration_seq_len, recipe.calibration_seq_len)
     assert 0 <= int(ids.min()) and int(ids.max()) < 49152  # SmolLM2's vocabulary
     assert len(ids.unique()) > 3000  # real text (4123 distinct tokens), not padding
     wrong = MoEficationRecipe(**{**recipe.__dict__, "calibration_tokens": 2048})
     with pytest.raises(ValueError, match="shape"):
-        build_module.load_calibration_ids(path, wrong)
+        fit_module.load_calibration_ids(path, wrong)
 
 
 def test_router_logit_scale_restores_the_fitted_router(dense, splits, moe, tmp_path):
@@ -374,7 +381,6 @@ def test_router_study_fits_on_some_tokens_and_tests_on_the_others(dense):
 
 def test_embedded_model_loads_with_dense_masked_experts(moe, tmp_path):
     """load_embedded_model runs the experts dense-masked (same outputs to rounding); dense_masked=False keeps eager."""
-    import json
 
     from evaluation.embedded_model.build import META_FILENAME, load_embedded_model
     from pikv_press.moe import DENSE_MASKED
@@ -382,7 +388,7 @@ def test_embedded_model_loads_with_dense_masked_experts(moe, tmp_path):
 
     moe.save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
-    (tmp_path / META_FILENAME).write_text(json.dumps({"recipe": RECIPE.__dict__}))
+    (tmp_path / META_FILENAME).write_text(json.dumps({"artifact": "smollm2-moe-test"}))
     fast, _ = load_embedded_model(tmp_path, build_if_missing=False)
     plain, _ = load_embedded_model(tmp_path, build_if_missing=False, dense_masked=False)
     assert fast.config._experts_implementation == DENSE_MASKED
@@ -393,3 +399,62 @@ def test_embedded_model_loads_with_dense_masked_experts(moe, tmp_path):
         torch.testing.assert_close(fast(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="embedded_model.build"):
         load_embedded_model(tmp_path / "missing", build_if_missing=False)
+
+
+def test_artifact_round_trip_assembles_the_same_bits(dense, splits, moe, tmp_path):
+    """An artifact written from fitted splits reads back to the same indices and gate, is named after its hash (the
+    same bytes every time), and assembles, by indexing alone, the model build_glm4moe builds, bit for bit."""
+    from evaluation.embedded_model.artifact import (
+        PREFIX,
+        file_sha256,
+        read_artifact,
+        state_dict_sha256,
+        write_artifact,
+    )
+    from evaluation.embedded_model.moefy import assemble_glm4moe, glm4moe_layer
+
+    layers = [glm4moe_layer(split, RECIPE.gate_logit_scale) for split in splits]
+    name = write_artifact(layers, RECIPE, 0, tmp_path)
+    path = tmp_path / f"{name}.safetensors"
+    assert name == PREFIX + file_sha256(path)[:10]
+    assert write_artifact(layers, RECIPE, 0, tmp_path / "again") == name
+    expected = state_dict_sha256(moe)
+    (tmp_path / f"{name}.json").write_text(json.dumps({"artifact_sha256": file_sha256(path), "tensors": expected}))
+    read, recipe, seed = read_artifact(name, tmp_path)
+    assert recipe == RECIPE and seed == 0
+    for layer, back, split in zip(layers, read, splits, strict=True):
+        assert back.shared_idx.dtype == back.expert_idx.dtype == torch.int16
+        assert torch.equal(back.shared_idx.long(), split.shared_idx)
+        assert torch.equal(back.expert_idx.long(), split.expert_idx)
+        assert torch.equal(back.gate_weight, layer.gate_weight) and torch.equal(back.gate_bias, layer.gate_bias)
+        assert back.router_logit_scale == layer.router_logit_scale
+        fitted = back.fitted_split(RECIPE.gate_logit_scale)  # the router unscaled again, to float32 rounding
+        torch.testing.assert_close(fitted.router_weight, split.router_weight, rtol=1e-6, atol=0)
+        assert fitted.logit_bound == pytest.approx(split.logit_bound)
+    assembled = assemble_glm4moe(dense.config, dense.state_dict(), read, recipe)
+    assert state_dict_sha256(assembled) == expected
+    assert assembled.config.router_logit_scale == moe.config.router_logit_scale
+
+
+def test_artifact_errors_say_what_to_do(dense, splits, moe, tmp_path):
+    from evaluation.embedded_model.artifact import file_sha256, read_artifact, state_dict_sha256, write_artifact
+    from evaluation.embedded_model.build import check_hashes
+    from evaluation.embedded_model.moefy import glm4moe_layer
+
+    with pytest.raises(FileNotFoundError, match="evaluation.embedded_model.fit"):
+        read_artifact("smollm2-moe-0000000000", tmp_path)
+    name = write_artifact([glm4moe_layer(s, RECIPE.gate_logit_scale) for s in splits], RECIPE, 0, tmp_path)
+    path = tmp_path / f"{name}.safetensors"
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        read_artifact(name, tmp_path)
+    hashes = state_dict_sha256(moe)
+    (tmp_path / f"{name}.json").write_text(json.dumps({"artifact_sha256": file_sha256(path), "tensors": hashes}))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        read_artifact(name, tmp_path)
+    check_hashes(moe, {"artifact": name, "tensors": hashes})
+    wrong = dict(hashes, **{"model.norm.weight": "0" * 64})
+    with pytest.raises(RuntimeError, match=r"in 1 of .*model\.norm\.weight.*evaluation\.embedded_model\.fit"):
+        check_hashes(moe, {"artifact": name, "tensors": wrong})

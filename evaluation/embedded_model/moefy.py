@@ -525,44 +525,98 @@ def glm4moe_config(dense_config, recipe: MoEficationRecipe):
     return config
 
 
-def glm4moe_state_dict(
-    dense_state: dict[str, torch.Tensor], splits: Sequence[LayerSplit], gate_logit_scale: float
-) -> dict[str, torch.Tensor]:
-    """Map a Llama state dict + per-layer splits onto ``Glm4MoeForCausalLM`` parameter names.
+@dataclass
+class Glm4MoeLayer:
+    """What the ``Glm4Moe`` container holds for one layer beyond the dense weights (what the shipped artifact stores).
 
-    Layer ``i``'s router is multiplied by ``s = splits[i].gate_scale(gate_logit_scale)`` (see the module docstring);
-    its bias goes, scaled by ``s / 4`` (the sigmoid's slope at 0), into the selection-only ``e_score_correction_bias``.
+    The neuron partition is integer indices into the dense FFN, and the gate is stored as the container holds it (the
+    fitted router already scaled, see the module docstring), so that assembling the model is pure indexing and
+    copying: no floating-point arithmetic, hence the same bits on every CPU and thread count.
     """
-    scales = [split.gate_scale(gate_logit_scale) for split in splits]
+
+    shared_idx: torch.Tensor  # [S] integer
+    expert_idx: torch.Tensor  # [E, m] integer
+    gate_weight: torch.Tensor  # [E, H] float32: router weight times router_logit_scale
+    gate_bias: torch.Tensor  # [E] float32 e_score_correction_bias: router bias times router_logit_scale / 4
+    router_logit_scale: float  # gate logits / router_logit_scale = the fitted router's logits
+
+    def fitted_split(self, gate_logit_scale: float) -> LayerSplit:
+        """The :class:`LayerSplit` this layer came from, the router unscaled again (to float32 rounding)."""
+        scale = self.router_logit_scale
+        return LayerSplit(
+            self.shared_idx.long(),
+            self.expert_idx.long(),
+            self.gate_weight / scale,
+            self.gate_bias * 4 / scale,
+            gate_logit_scale / scale,
+        )
+
+
+def glm4moe_layer(split: LayerSplit, gate_logit_scale: float) -> Glm4MoeLayer:
+    """Scale a fitted split's router into the ``Glm4Moe`` gate (elementwise float32 products; done once, by the fit).
+
+    The router is multiplied by ``s = split.gate_scale(gate_logit_scale)`` (see the module docstring); its bias goes,
+    scaled by ``s / 4`` (the sigmoid's slope at 0), into the selection-only ``e_score_correction_bias``.
+    """
+    scale = split.gate_scale(gate_logit_scale)
+    return Glm4MoeLayer(
+        split.shared_idx,
+        split.expert_idx,
+        (split.router_weight.float() * scale).contiguous(),
+        (split.router_bias.float() * scale / 4).contiguous(),
+        scale,
+    )
+
+
+def glm4moe_state_dict(dense_state: dict[str, torch.Tensor], layers: Sequence[Glm4MoeLayer]) -> dict[str, torch.Tensor]:
+    """Map a Llama state dict + per-layer :class:`Glm4MoeLayer` onto ``Glm4MoeForCausalLM`` parameter names.
+
+    Pure indexing and copying (bit-exact on any machine): FFN rows and columns gathered by the layers' indices, the
+    gate copied as stored.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in dense_state.items():
         if ".mlp." not in name:
             out[name] = tensor.detach().clone()
-    for i, (split, scale) in enumerate(zip(splits, scales, strict=True)):
+    for i, layer in enumerate(layers):
         pre = f"model.layers.{i}.mlp."
         gate = dense_state[pre + "gate_proj.weight"]
         up = dense_state[pre + "up_proj.weight"]
         down = dense_state[pre + "down_proj.weight"]
-        out[pre + "shared_experts.gate_proj.weight"] = gate[split.shared_idx].clone()
-        out[pre + "shared_experts.up_proj.weight"] = up[split.shared_idx].clone()
-        out[pre + "shared_experts.down_proj.weight"] = down[:, split.shared_idx].clone()
-        out[pre + "experts.gate_up_proj"] = torch.stack(
-            [torch.cat([gate[idx], up[idx]], dim=0) for idx in split.expert_idx]
+        shared = layer.shared_idx.long()
+        num_experts, size = layer.expert_idx.shape
+        routed = layer.expert_idx.long().reshape(-1)  # expert e's neurons at [e * size, (e + 1) * size)
+        out[pre + "shared_experts.gate_proj.weight"] = gate.index_select(0, shared)
+        out[pre + "shared_experts.up_proj.weight"] = up.index_select(0, shared)
+        out[pre + "shared_experts.down_proj.weight"] = down.index_select(1, shared)
+        out[pre + "experts.gate_up_proj"] = torch.cat(  # [E, 2m, H]: expert e's gate rows, then its up rows
+            [
+                gate.index_select(0, routed).reshape(num_experts, size, -1),
+                up.index_select(0, routed).reshape(num_experts, size, -1),
+            ],
+            dim=1,
         )
-        out[pre + "experts.down_proj"] = torch.stack([down[:, idx] for idx in split.expert_idx])
-        out[pre + "gate.weight"] = (split.router_weight * scale).to(gate.dtype)
-        out[pre + "gate.e_score_correction_bias"] = (split.router_bias * scale / 4).float()
+        out[pre + "experts.down_proj"] = (  # [E, H, m]: expert e's down-projection columns
+            down.index_select(1, routed).reshape(down.shape[0], num_experts, size).permute(1, 0, 2).contiguous()
+        )
+        if layer.gate_weight.dtype != gate.dtype or layer.gate_bias.dtype != torch.float32:
+            raise TypeError(
+                f"layer {i}: gate stored as {layer.gate_weight.dtype} / {layer.gate_bias.dtype}, the model wants "
+                f"{gate.dtype} / float32 (assembly copies, it never converts)"
+            )
+        out[pre + "gate.weight"] = layer.gate_weight.clone()
+        out[pre + "gate.e_score_correction_bias"] = layer.gate_bias.clone()
     return out
 
 
-def build_glm4moe(dense: nn.Module, splits: Sequence[LayerSplit], recipe: MoEficationRecipe):
-    """Instantiate the ``Glm4MoeForCausalLM`` (eval mode, dense model's dtype) holding the MoEfied weights."""
+def assemble_glm4moe(dense_config, dense_state: dict[str, torch.Tensor], layers: Sequence[Glm4MoeLayer], recipe):
+    """``Glm4MoeForCausalLM`` (eval mode) holding the dense attention/embeddings and the MoEfied FFNs of ``layers``."""
     from transformers import Glm4MoeForCausalLM
 
-    config = glm4moe_config(dense.config, recipe)
+    config = glm4moe_config(dense_config, recipe)
     # read by pikv_press.moe.MoEAnatomy.router_logit_scale: gate logits / scale = the fitted router's logits
-    config.router_logit_scale = [split.gate_scale(recipe.gate_logit_scale) for split in splits]
-    state = glm4moe_state_dict(dense.state_dict(), splits, recipe.gate_logit_scale)
+    config.router_logit_scale = [float(layer.router_logit_scale) for layer in layers]
+    state = glm4moe_state_dict(dense_state, layers)
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config)
     if config.tie_word_embeddings:
@@ -576,3 +630,9 @@ def build_glm4moe(dense: nn.Module, splits: Sequence[LayerSplit], recipe: MoEfic
     # buffers not in the state dict (rotary inv_freq) were created on meta: rebuild them
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model.eval()
+
+
+def build_glm4moe(dense: nn.Module, splits: Sequence[LayerSplit], recipe: MoEficationRecipe):
+    """Instantiate the ``Glm4MoeForCausalLM`` (eval mode, dense model's dtype) holding the MoEfied weights."""
+    layers = [glm4moe_layer(split, recipe.gate_logit_scale) for split in splits]
+    return assemble_glm4moe(dense.config, dense.state_dict(), layers, recipe)

@@ -3,6 +3,9 @@
 ``python -m evaluation.embedded_model.quality [--model DIR] [--out results/embedded_model] [--ppl-tokens N]
 [--retrieval-samples N] [--retrieval-length L]``
 
+The report names the artifact the model was assembled from (``--model``: a build folder; default: the shipped
+artifact's).
+
 Measured (all on text never used for calibration):
 
 * perplexity of the dense model, the saved ``Glm4MoeForCausalLM`` and the in-memory reference MoE (router, oracle
@@ -30,14 +33,13 @@ from pathlib import Path
 
 import torch
 
+from evaluation.embedded_model.artifact import read_artifact
 from evaluation.embedded_model.build import (
     META_FILENAME,
-    SPLITS_FILENAME,
     command_line,
     default_model_dir,
     load_dense,
     load_embedded_model,
-    load_splits,
     repo_root,
     start_command,
     write_report,
@@ -189,7 +191,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Embedded model quality (MoEfied SmolLM2-135M-Instruct vs dense)",
         "",
-        f"Model: `{report['model_dir']}`; recipe `{report['recipe_fingerprint']}`; "
+        f"Artifact `{report.get('artifact', '?')}` (model `{report['model_dir']}`); recipe "
+        f"`{report['recipe_fingerprint']}`; "
         f"{report['ppl_windows']} windows of {report['seq_len']} tokens per domain.",
         "",
         "| variant | PG essays ppl | x dense | SQuAD ppl | x dense |",
@@ -256,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     top_k = meta["recipe"]["top_k"]
     moe = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     dense, tokenizer = load_dense()
-    splits = load_splits(model_dir / SPLITS_FILENAME)
+    layers, recipe, _ = read_artifact(meta["artifact"])  # the fitted routers, for the in-memory reference MoE
+    splits = [layer.fitted_split(recipe.gate_logit_scale) for layer in layers]
     num_neurons = dense.config.intermediate_size
     domains = {
         "essays": essay_windows(tokenizer, args.ppl_tokens, args.seq_len),
@@ -309,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved, ref = ppl["MoE (saved Glm4Moe, router)"], ppl["MoE reference (in-memory, router)"]
     report = {
         "model_dir": str(model_dir),
+        "artifact": meta["artifact"],
+        "model_sha256": meta["model_sha256"],
         "recipe": meta["recipe"],
         "recipe_fingerprint": meta["recipe_fingerprint"],
         "build_seconds": meta.get("build_seconds"),

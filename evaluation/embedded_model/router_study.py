@@ -25,16 +25,14 @@ import torch
 
 from evaluation.embedded_model.build import (
     RECIPE,
-    calibration_key,
     command_line,
-    load_calibration_ids,
     load_dense,
     repo_root,
-    shipped_calibration_path,
     slice_layers,
     start_command,
     write_report,
 )
+from evaluation.embedded_model.fit import calibration_key, load_calibration_ids, shipped_calibration_path
 from evaluation.embedded_model.moefy import (
     LayerSplit,
     MoEficationRecipe,
