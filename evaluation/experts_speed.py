@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pikv_press.moe.experts import DENSE_MASKED, use_dense_masked_experts
 
     start_command(args.threads)
-    names = args.implementations.split(",")
+    from evaluation.cli import comma_list
+
+    names = comma_list(args.implementations)
     unknown = sorted(set(names) - set(IMPLEMENTATIONS))
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from {IMPLEMENTATIONS}")

@@ -1,17 +1,26 @@
-"""Press registry of the evaluation harness: every kvpress press (names as in kvpress's ``evaluate_registry.py``)
-and every pikv-press press.
+"""Registries of the evaluation harness, shaped like kvpress's ``evaluation/evaluate_registry.py``.
 
-Entries are factories, so each run gets a fresh press (presses keep state between calls). :func:`make_press` builds
-one and sets its compression ratio.
+* Presses: every kvpress press (names as in kvpress) and every pikv-press press. Entries are factories, so each run
+  gets a fresh press (presses keep state between calls). :func:`make_press` builds one and sets its ratios;
+  :func:`press_for_run` is the one function through which the harness, the demo and the scripts build a run's press.
+* Datasets and scorers: one benchmark per folder of :mod:`evaluation.benchmarks`, each with ``load_samples``,
+  ``calculate_metrics`` (kvpress's per-task metrics), ``sample_scores`` (0-100 per sample, for intervals) and
+  ``match_mode`` (how teacher-forced scoring treats several references). :data:`DATASET_REGISTRY` and
+  :data:`SCORER_REGISTRY` are kvpress's two views of :data:`BENCHMARKS`.
+* Press tables shared by the demo, the scripts and the tests: :data:`BASELINE_PRESSES`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
 
 import kvpress as kp
 from kvpress import BasePress
+
+import pikv_press
+from evaluation.benchmarks import longbench, needle_in_haystack, ruler
 
 # name -> factory, every press of kvpress 0.5.5's evaluation registry (kvsummary, kvsquared and the
 # ThresholdPress-based kvzap entries need presses that kvpress 0.5.5 does not have). Presses that need downloads
@@ -71,8 +80,24 @@ PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {}
 
 PRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {**KVPRESS_REGISTRY, **PIKV_REGISTRY}
 
-# The baselines ``make demo`` compares (the kvpress leaderboard's usual set).
-DEMO_PRESSES = ("knorm", "snapkv", "streaming_llm", "expected_attention", "tova", "keydiff", "pyramidkv")
+# The baselines that ``make demo``, the scripts and the tests compare (the kvpress leaderboard's usual set).
+BASELINE_PRESSES = ("knorm", "snapkv", "streaming_llm", "expected_attention", "tova", "keydiff", "pyramidkv")
+
+# name -> benchmark module (load_samples, calculate_metrics, sample_scores, match_mode); see evaluation.benchmarks.
+BENCHMARKS: dict[str, ModuleType] = {
+    "ruler": ruler,
+    "needle_in_haystack": needle_in_haystack,
+    "longbench": longbench,
+}
+DATASET_REGISTRY: dict[str, Callable] = {name: module.load_samples for name, module in BENCHMARKS.items()}
+SCORER_REGISTRY: dict[str, Callable] = {name: module.calculate_metrics for name, module in BENCHMARKS.items()}
+
+
+def benchmark(name: str) -> ModuleType:
+    """The benchmark module registered as ``name``; ``ValueError`` listing the names otherwise."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"Unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}.")
+    return BENCHMARKS[name]
 
 
 DECODING_OPTIONS = ("target_size", "compression_interval", "hidden_states_buffer_size")
@@ -100,8 +125,15 @@ def takes_compression_ratio(name: str) -> bool:
 
 
 def press_for_run(name: str, compression_ratio: float, **options) -> BasePress | None:
-    """:func:`make_press` with a sweep's ratio, dropped for presses that take none (they run once, under ratio 0)."""
-    return make_press(name, compression_ratio if takes_compression_ratio(name) else None, **options)
+    """The press of one run: :func:`make_press` with the sweep's ratio (dropped for presses that take none: they run
+    once, under ratio 0), kvpress's presses made MoE-aware with ``pikv_press.MoEAware`` where pikv-press has it.
+
+    Every press a harness command runs is built here."""
+    press = make_press(name, compression_ratio if takes_compression_ratio(name) else None, **options)
+    moe_aware = getattr(pikv_press, "MoEAware", None)
+    if press is not None and moe_aware is not None and name in KVPRESS_REGISTRY:
+        press = moe_aware(press)
+    return press
 
 
 def make_press(

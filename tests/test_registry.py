@@ -73,3 +73,30 @@ def test_bad_names_and_ratios():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         make_press("knorm", 1.0)
     assert make_press("no_press", 0.5) is None and not takes_compression_ratio("no_press")
+
+
+def test_dataset_and_scorer_registries():
+    from evaluation.registry import BENCHMARKS, DATASET_REGISTRY, SCORER_REGISTRY, benchmark
+
+    assert set(DATASET_REGISTRY) == set(SCORER_REGISTRY) == set(BENCHMARKS) == {"ruler", "needle_in_haystack",
+                                                                                   "longbench"}
+    assert benchmark("ruler").match_mode("qa_1") == "any" and benchmark("ruler").match_mode("niah_multivalue") == "all"
+    with pytest.raises(ValueError, match="Unknown dataset 'rulr'; choose from ruler"):
+        benchmark("rulr")
+
+
+def test_press_for_run_makes_kvpress_presses_moe_aware(monkeypatch):
+    """Every press of a run is built by press_for_run; kvpress's presses are wrapped when pikv_press has MoEAware."""
+    import pikv_press
+    from evaluation import registry
+
+    class Wrapped:
+        def __init__(self, press):
+            self.press = press
+
+    monkeypatch.setattr(pikv_press, "MoEAware", Wrapped, raising=False)
+    press = registry.press_for_run("snapkv", 0.25)
+    assert isinstance(press, Wrapped) and press.press.compression_ratio == 0.25
+    assert registry.press_for_run("no_press", 0.25) is None
+    think = registry.press_for_run("think", 0.25, key_channel_compression_ratio=0.5).press
+    assert think.key_channel_compression_ratio == 0.5  # ThinK takes no token ratio: the sweep's is dropped

@@ -590,10 +590,6 @@ def load_ruler(
     return pd.concat(frames, ignore_index=True)
 
 
-def _parse_int_list(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: generate (or check) the cached RULER sets, with a progress bar over all samples."""
     parser = argparse.ArgumentParser(
@@ -620,8 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    lengths = _parse_int_list(args.lengths)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from evaluation.cli import comma_list
+
+    lengths = comma_list(args.lengths, int)
+    tasks = comma_list(args.tasks)
     tokenizer = resolve_tokenizer(args.tokenizer) if args.tokenizer else None
     seconds = dict.fromkeys(lengths, 0.0)
     rows = dict.fromkeys(lengths, 0)

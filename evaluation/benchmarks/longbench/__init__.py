@@ -658,3 +658,28 @@ def load_longbench(
     if fraction < 1.0:
         df = df.sample(frac=fraction, random_state=seed)
     return df
+
+
+# -- the harness's interface (evaluation.registry) ------------------------------------------------------------------
+def load_samples(data_dir: str | None, *, tokenizer: Any = None, **_: Any) -> pd.DataFrame:
+    """``data_dir`` is ``subset[:local file or folder]`` (the harness's ``--data_dir``)."""
+    subset, _, local = str(data_dir).partition(":")
+    return load_longbench(subset, data_dir=local or None)
+
+
+def sample_scores(df: pd.DataFrame) -> pd.Series:
+    """Each record's score (0-100): the subset's metric, maximum over the references."""
+    has_classes = "all_classes" in df.columns
+    scores = []
+    for _, row in df.iterrows():
+        classes = row["all_classes"] if has_classes and not _is_missing(row["all_classes"]) else None
+        scores.append(100 * score_record(str(row["task"]), row["predicted_answer"], row["answer"], classes))
+    return pd.Series(scores, index=df.index, dtype=float)
+
+
+calculate_metrics = longbench_scores
+
+
+def match_mode(task: str) -> str:
+    """Teacher-forced scoring: the references of a record are alternatives."""
+    return "any"
