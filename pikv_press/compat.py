@@ -1,59 +1,84 @@
-"""kvpress on every MoE family.
+"""kvpress on every MoE family, turned on explicitly and locally.
 
 kvpress 0.5.5 runs on MoE models only by accident (see ``shared/KVPRESS_NOTES.md``): query-based scorers skip the
 query norm of Qwen3-MoE and OLMoE, crash on GPT-OSS's half-width rotary tables and on DeepSeek's latent attention,
-ignore GPT-OSS's attention sinks and compress sliding-window layers. :func:`install` (called on ``import pikv_press``)
-makes every kvpress press, used as a context manager or through ``pipeline("kv-press-text-generation")``, compute
-the right thing on the MoE families of :mod:`pikv_press.moe`:
+ignore GPT-OSS's attention sinks and compress sliding-window layers. Importing pikv-press changes none of that; a user
+asks for MoE-correct behaviour in one of three ways:
 
-* ``BasePress.__call__`` hooks the attention modules that :class:`~pikv_press.moe.MoEAnatomy` calls compressible
-  (sliding-window layers are left uncompressed, as kvpress does for Gemma3) and hands each press an
-  :class:`AttentionView` of the module instead of the module itself. The view presents queries, keys and rotary
-  tables in the canonical layout of :class:`~pikv_press.moe.attention.AttentionLayout`, where kvpress's formulas
-  (``q_proj(h).view(...)``, ``q * cos + rotate_half(q) * sin``, ``/ sqrt(head_dim)``) give the model's own logits.
-  Where the cached keys are not in that layout (GLM-4-MoE partial RoPE, DeepSeek MLA, whose values are also narrower
-  than keys) the cache layer is put in canonical layout for the duration of the press's hook and restored after,
-  also when the hook raises.
+* ``MoEAware(press)``: a copy of ``press`` whose ``press(model)`` context manager is MoE-aware (the press keeps its
+  class as a base, so kvpress's pipeline still sees a ``DecodingPress`` or a ``FinchPress`` for what it is)::
+
+      pipe(context, question=q, press=MoEAware(SnapKVPress(0.5)))
+
+* ``with kvpress_moe_support():`` every kvpress press used inside the block is MoE-aware; kvpress is restored on exit;
+* ``install()`` / ``uninstall()``: the same switch, process-wide, for existing scripts.
+
+What MoE-aware means (one mechanism, :func:`attach`, which the prefill replay reuses):
+
+* presses hook only the attention modules that :class:`~pikv_press.moe.MoEAnatomy` calls compressible
+  (sliding-window layers are left uncompressed) and receive an :class:`AttentionView` of each module: queries, keys
+  and rotary tables in the canonical layout of :class:`~pikv_press.moe.attention.AttentionLayout`, where kvpress's
+  formulas (``q_proj(h).view(...)``, ``q * cos + rotate_half(q) * sin``, ``/ sqrt(head_dim)``) give the model's own
+  logits. *Canonical layout*: head dimensions permuted so that every rotated pair sits at ``(j, j + d/2)``, values
+  zero-padded to the key width (DeepSeek's latent attention) and queries pre-scaled.
+* the press scores canonical copies of the layer's keys and values, read through the cache-layer interface
+  (:func:`pikv_press.cache.layer_access`); the rows it keeps are mapped back to the cache's own layout (an inverse
+  permutation of the kept rows, nothing for Llama-like layouts) and written through the same interface, so dynamic
+  and quantized caches are compressed alike. Presses with their own forward hook (``DecodingPress``, ...) read the
+  cache themselves: for layouts that differ from the canonical one the layer is presented in canonical layout during
+  their hook and restored after, also when the hook raises.
 * ``ExpectedAttentionPress.score`` and ``SnapKVPress.compute_window_attention`` (SnapKV, PyramidKV, TOVA) count
-  attention sinks (GPT-OSS) in their softmax.
-* ``ComposedPress`` hands later presses no attention weights once an earlier press has pruned keys (the weights
-  describe keys that are gone); they recompute them from queries.
-* Ragged caches decode correctly: transformers builds one attention mask per forward pass from the length of the
-  first layer's cache, which is wrong for layers that hold fewer (PyramidKV budgets) or more (uncompressed
-  sliding-window layers of GPT-OSS) tokens; it then crashes on a shape mismatch or, in eager attention, masks the
-  wrong keys. :func:`enable_ragged_cache_masks` (applied to a model the first time a press is used on it) fits each
-  layer's mask to that layer's cache length.
-* Combinations that cannot be made right raise a ``ValueError`` that says what to do.
-
-Models outside the MoE registry (dense Llama, Qwen3, Gemma3, ...) keep kvpress's own behaviour untouched.
-:func:`uninstall` restores kvpress exactly.
+  attention sinks (GPT-OSS) in their softmax when they score through an :class:`AttentionView`; plain modules get
+  kvpress's own functions, even while a MoE-aware press runs.
+* ``ComposedPress`` hands later presses no attention weights once an earlier press has pruned keys.
+* *Ragged caches* (layers holding different numbers of tokens, after PyramidKV): transformers sizes one attention
+  mask per forward pass from the first layer, which crashes or masks the wrong keys on the others. A forward
+  pre-hook per attention module fits each layer's mask to its cache length. It exists while a MoE-aware press is
+  active and, when that press left a ragged cache behind, until that cache is garbage-collected (so that the
+  pipeline can decode from it); nothing stays on the model after that.
+* combinations that cannot be made right raise a ``ValueError`` that says what to do; a model of a known family whose
+  layout differs from what pikv-press knows raises; an MoE model of an unknown family gets kvpress's own behaviour
+  with a warning; dense models always get kvpress's own behaviour.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
-from contextlib import contextmanager
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import kvpress
 import torch
 from kvpress import AdaKVPress, BasePress, ComposedPress, ExpectedAttentionPress, SnapKVPress
 from kvpress.presses.base_press import is_prefilling
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 from torch.nn import functional as F
-from transformers import DynamicCache, QuantizedCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from pikv_press.cache.layers import DynamicLayerAccess, layer_access
 from pikv_press.moe import AttentionLayout, MoEAnatomy, get_anatomy, language_model_of
+from pikv_press.moe.families import looks_like_moe
 
 logger = logging.getLogger(__name__)
 
 _ORIGINAL_CALL = BasePress.__call__
-_ORIGINAL_EXPECTED_ATTENTION_SCORE = ExpectedAttentionPress.score
+_ORIGINAL_EXPECTED_ATTENTION_SCORE = ExpectedAttentionPress.__dict__["score"]
 _ORIGINAL_WINDOW_ATTENTION = SnapKVPress.__dict__["compute_window_attention"]
-_installed = False
+
+# Presses that run their own forward passes or hooks outside the attention hook (their __call__ re-prefills or
+# re-reads the context): they cannot be made MoE-correct by the attention hook, so they are refused on MoE families.
+_OWN_CALL_PRESSES = ("KVzipPress", "FastKVzipPress", "KVComposePress", "KVgradPress")
+_OWN_CALL_CLASSES = tuple(
+    cls for cls in (getattr(kvpress, name, None) for name in _OWN_CALL_PRESSES) if isinstance(cls, type)
+)
 
 
 class _ConfigView:
@@ -101,6 +126,12 @@ class AttentionView:
     def module(self) -> nn.Module:
         return self.__dict__["_module"]
 
+    @property
+    def attention_sinks(self) -> torch.Tensor | None:
+        """Per-head attention-sink logits ``(heads,)`` of families that have them (GPT-OSS), else ``None``."""
+        attr = self.layout.family.sinks_attr
+        return None if attr is None else getattr(self.module, attr, None)
+
     def q_proj(self, hidden_states: torch.Tensor) -> torch.Tensor:
         q = self.layout.canonical_queries(hidden_states)  # (batch, heads, seq, head_dim)
         return q.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
@@ -133,31 +164,49 @@ class AttentionView:
         return f"AttentionView({type(self.module).__name__}, layer {self.layer_idx})"
 
 
-def _inner_presses(press: Any) -> list[Any]:
-    """The press and every press wrapped inside it (AdaKV, Decoding, Composed, PerLayer, ...)."""
-    found, stack = [], [press]
+
+
+def inner_presses(press: Any) -> list[BasePress]:
+    """The press and every press nested in it, through any dataclass field that holds a press or a list of presses
+    (AdaKV's ``press``, DecodingPress's ``base_press``, PrefillDecodingPress's ``prefilling_press`` and
+    ``decoding_press``, ComposedPress's ``presses``, ...)."""
+    found: list[BasePress] = []
+    stack = [press]
     while stack:
         current = stack.pop()
-        if current is None or any(current is p for p in found):
+        if not isinstance(current, BasePress) or any(current is p for p in found):
             continue
         found.append(current)
-        for attr in ("press", "base_press", "scorer"):
-            inner = getattr(current, attr, None)
-            if isinstance(inner, BasePress):
-                stack.append(inner)
-        stack.extend(p for p in getattr(current, "presses", None) or [] if isinstance(p, BasePress))
+        values = [getattr(current, f.name, None) for f in dataclasses.fields(current)] if dataclasses.is_dataclass(
+            current) else []
+        for value in values:
+            if isinstance(value, BasePress):
+                stack.append(value)
+            elif isinstance(value, (list, tuple)):
+                stack.extend(v for v in value if isinstance(v, BasePress))
     return found
 
 
 def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
     """Raise ``ValueError`` for press/model combinations that cannot compute the right thing."""
+    presses = inner_presses(press)
+    for inner in presses:
+        if isinstance(inner, _OWN_CALL_CLASSES):
+            raise ValueError(
+                f"{type(inner).__name__} re-reads the context with its own forward passes and hooks, which the "
+                f"MoE-aware attention hook does not reach: on {anatomy.family.name} it would score with the wrong "
+                "queries (or crash on latent attention). Use a prefill press instead (SnapKVPress, "
+                "ExpectedAttentionPress with AdaKVPress, TOVAPress, KeyDiffPress), or run it without MoEAware to get "
+                "kvpress's own behaviour."
+            )
     attn_impl = getattr(anatomy.config, "_attn_implementation", None) or getattr(
         anatomy.model.config, "_attn_implementation", None
     )
-    if attn_impl == "eager" and any(isinstance(p, AdaKVPress) for p in _inner_presses(press)):
+    if attn_impl == "eager" and any(isinstance(p, AdaKVPress) for p in presses):
         hint = (
-            "GPT-OSS supports only eager attention in this transformers version, so head-wise AdaKV cannot run on it"
-            if anatomy.family.name == "gpt_oss"
+            f"{anatomy.family.name} supports only eager attention in this transformers version, so head-wise AdaKV "
+            "cannot run on it"
+            if anatomy.family.eager_only
             else "load the model with attn_implementation='sdpa'"
         )
         raise ValueError(
@@ -166,57 +215,102 @@ def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
         )
 
 
+# -- the hook ------------------------------------------------------------------------------------------------------
+def _uses_default_hook(press: BasePress) -> bool:
+    return type(press).forward_hook is BasePress.forward_hook
+
+
+def _compress_layer(press: BasePress, view: AttentionView, kwargs: dict, attentions: Any) -> None:
+    """``BasePress.forward_hook``'s work through the cache-layer interface: score canonical copies, keep rows, write
+    them back in the cache's own layout."""
+    layout = view.layout
+    access = layer_access(kwargs["past_key_values"].layers[view.layer_idx])
+    keys, values = access.read()
+    canonical_keys, canonical_values = layout.keys_to_canonical(keys), layout.values_to_canonical(values)
+    kept_keys, kept_values = press.compress(view, kwargs["hidden_states"], canonical_keys, canonical_values,
+                                            attentions, kwargs)
+    if kept_keys is canonical_keys and kept_values is canonical_values:
+        return  # nothing pruned (AdaKV masks, ratio 0): leave the layer as it is
+    access.write(layout.keys_from_canonical(kept_keys), layout.values_from_canonical(kept_values))
+
+
+@contextmanager
+def _canonical_cache_layer(cache: Any, layout: AttentionLayout, layer_idx: int) -> Iterator[None]:
+    """The layer in canonical layout for a press that reads the cache itself; restored after, also on errors."""
+    if not layout.needs_cache_transform:
+        yield
+        return
+    access = layer_access(cache.layers[layer_idx])
+    if not isinstance(access, DynamicLayerAccess):
+        raise ValueError(
+            f"{type(layout.module).__name__} stores keys in a layout that differs from kvpress's (partial or latent "
+            "RoPE), and presses with their own forward hook read the cache directly: use a DynamicCache with this "
+            "model and press."
+        )
+    keys, values = access.read()
+    access.write(layout.keys_to_canonical(keys), layout.values_to_canonical(values))
+    try:
+        yield
+    finally:
+        keys, values = access.read()
+        access.write(layout.keys_from_canonical(keys), layout.values_from_canonical(values))
+
+
 def _run_press(press: BasePress, view: AttentionView, args: tuple, kwargs: dict, output: Any) -> Any:
-    if not isinstance(press, ComposedPress):
+    if isinstance(press, ComposedPress):
+        # ComposedPress.forward_hook, except that attention weights are dropped once keys have been pruned.
+        access = layer_access(kwargs["past_key_values"].layers[view.layer_idx])
+        inner_output, retained = output, 1.0
+        for inner in press.presses:
+            before = access.seq_length()
+            inner_output = _run_press(inner, view, args, kwargs, inner_output)
+            pruned = access.seq_length() != before
+            if pruned and isinstance(inner_output, tuple) and len(inner_output) > 1 and inner_output[1] is not None:
+                inner_output = (inner_output[0], None, *inner_output[2:])
+            retained *= 1 - inner.compression_ratio
+        press.compression_ratio = 1 - retained
+        return output
+    if _uses_default_hook(press):
+        if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            _compress_layer(press, view, kwargs, attentions)
+        return output
+    with _canonical_cache_layer(kwargs["past_key_values"], view.layout, view.layer_idx):
         return press.forward_hook(view, args, kwargs, output)
-    # ComposedPress.forward_hook, except that attention weights are dropped once keys have been pruned.
-    layer = kwargs["past_key_values"].layers[view.layer_idx]
-    inner_output, retained = output, 1.0
-    for inner in press.presses:
-        before = layer.keys.shape[2]
-        inner_output = inner.forward_hook(view, args, kwargs, inner_output)
-        pruned = layer.keys.shape[2] != before
-        if pruned and isinstance(inner_output, tuple) and len(inner_output) > 1 and inner_output[1] is not None:
-            inner_output = (inner_output[0], None, *inner_output[2:])
-        retained *= 1 - inner.compression_ratio
-    press.compression_ratio = 1 - retained
-    return output
 
 
-def _make_hook(press: BasePress, layout: AttentionLayout, view: AttentionView):
-    default_hook = type(press).forward_hook is BasePress.forward_hook
+def press_hook(press: BasePress, view: AttentionView):
+    """The MoE-aware forward hook of ``press`` on ``view``'s attention module (``with_kwargs=True``)."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        cache = kwargs.get("past_key_values")
-        if cache is None:  # a forward pass without cache has nothing to compress
+        if kwargs.get("past_key_values") is None:  # a forward pass without cache has nothing to compress
             return output
-        if default_hook and not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            return output  # BasePress.forward_hook only acts at prefill: skip the layout work on every decoding step
-        press_kwargs = dict(kwargs)
-        press_kwargs["position_embeddings"] = layout.canonical_rope(kwargs["position_embeddings"])
-        if not layout.needs_cache_transform:
-            return _run_press(press, view, args, press_kwargs, output)
-        if isinstance(cache, QuantizedCache):
-            raise ValueError(
-                f"{type(module).__name__} stores keys in a layout that kvpress cannot score in place (partial or "
-                "latent RoPE) and QuantizedCache cannot be rearranged: use a DynamicCache with this model."
-            )
-        layer = cache.layers[module.layer_idx]
-        layer.keys = layout.keys_to_canonical(layer.keys)
-        layer.values = layout.values_to_canonical(layer.values)
-        try:
-            return _run_press(press, view, args, press_kwargs, output)
-        finally:
-            layer.keys = layout.keys_from_canonical(layer.keys)
-            layer.values = layout.values_from_canonical(layer.values)
+        prefilling = is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1])
+        if _uses_default_hook(press) and not prefilling and not isinstance(press, ComposedPress):
+            return output  # prefill presses act only at prefill: skip the layout work on every decoding step
+        press_kwargs = dict(kwargs, position_embeddings=view.layout.canonical_rope(kwargs["position_embeddings"]))
+        return _run_press(press, view, args, press_kwargs, output)
 
     return hook
 
 
-_MASK_FIX_ATTR = "_pikv_ragged_mask_hook"
+def moe_anatomy_for_press(model: nn.Module) -> MoEAnatomy | None:
+    """The anatomy when ``model`` is of a known MoE family; ``None`` (kvpress's own behaviour) for dense models and,
+    with a warning, for MoE models of unknown families. A known family with an unexpected layout raises."""
+    try:
+        anatomy = get_anatomy(model)
+    except ValueError as error:
+        if "does not support model_type" not in str(error):
+            raise  # a known family laid out differently: never fall back silently
+        if looks_like_moe(getattr(model, "config", None)):
+            logger.warning("pikv-press does not know this MoE architecture (%s): kvpress's own behaviour is used, "
+                           "which may score with the wrong queries. %s", type(model).__name__, error)
+        return None
+    return anatomy if anatomy.family.is_moe else None
 
 
-def _fit_mask_to_layer(module: nn.Module, args: tuple, kwargs: dict):
+# -- ragged cache masks --------------------------------------------------------------------------------------------
+def fit_mask_to_layer(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: cut or extend the attention mask to this layer's cached length plus the new tokens.
 
     Queries of a decoding step come after every cached token, so a layer holding ``n`` tokens needs the last
@@ -248,7 +342,6 @@ def _fit_mask_to_layer(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Every decoder layer's attention module (none for a model without decoder layers)."""
     try:
         layers = language_model_of(model).layers
     except ValueError:
@@ -256,58 +349,258 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in layers if getattr(layer, "self_attn", None) is not None]
 
 
-def enable_ragged_cache_masks(model: nn.Module) -> None:
-    """Let ``model`` decode from caches whose layers hold different numbers of tokens (idempotent).
-
-    Registers one forward pre-hook per attention module; it changes nothing while all layers hold the same number
-    of tokens. Undo with :func:`disable_ragged_cache_masks`.
-    """
-    for attention in _attention_modules(model):
-        if getattr(attention, _MASK_FIX_ATTR, None) is None:
-            handle = attention.register_forward_pre_hook(_fit_mask_to_layer, with_kwargs=True)
-            object.__setattr__(attention, _MASK_FIX_ATTR, handle)
+def _is_ragged(cache: Any) -> bool:
+    """Whether the full-attention layers of ``cache`` hold different numbers of tokens."""
+    lengths = {layer_access(layer).seq_length() for layer in getattr(cache, "layers", [])
+               if isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer)}
+    return len(lengths) > 1
 
 
-def disable_ragged_cache_masks(model: nn.Module) -> None:
-    """Remove the hooks of :func:`enable_ragged_cache_masks`."""
-    for attention in _attention_modules(model):
-        handle = getattr(attention, _MASK_FIX_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            object.__delattr__(attention, _MASK_FIX_ATTR)
+class _RaggedMasks:
+    """Mask-fitting pre-hooks on one model's attention modules, shared by every user (presses, scopes, caches)."""
 
+    _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-def _moe_anatomy_or_none(model: nn.Module) -> MoEAnatomy | None:
-    try:
-        anatomy = get_anatomy(model)
-    except (ValueError, TypeError):
-        return None
-    return anatomy if anatomy.family.is_moe else None
+    def __init__(self, model: nn.Module):
+        self.model_ref = weakref.ref(model)
+        self.users = 0
+        self.handles = [m.register_forward_pre_hook(fit_mask_to_layer, with_kwargs=True)
+                        for m in _attention_modules(model)]
+
+    @classmethod
+    def acquire(cls, model: nn.Module) -> _RaggedMasks:
+        masks = cls._by_model.get(model)
+        if masks is None:
+            masks = cls._by_model[model] = cls(model)
+        masks.users += 1
+        return masks
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            for handle in self.handles:
+                handle.remove()
+            model = self.model_ref()
+            if model is not None and self._by_model.get(model) is self:
+                del self._by_model[model]
 
 
 @contextmanager
-def _moe_aware_call(self: BasePress, model: nn.Module):
-    """``BasePress.__call__`` for MoE families (kvpress's own for every other model)."""
-    enable_ragged_cache_masks(model)
-    anatomy = _moe_anatomy_or_none(model)
-    if anatomy is None:
-        with _ORIGINAL_CALL(self, model):
-            yield
-        return
-    check_press_supported(self, anatomy)
-    self.post_init_from_model(model)
-    rotary_emb = getattr(anatomy.language_model, "rotary_emb", None)
-    hooks = []
+def ragged_cache_masks(model: nn.Module) -> Iterator[None]:
+    """Let ``model`` decode from caches whose layers hold different numbers of tokens, inside the block.
+
+    One forward pre-hook per attention module fits the mask to the layer's cache length (it changes nothing while all
+    layers hold the same number of tokens); the hooks are removed on exit.
+    """
+    masks = _RaggedMasks.acquire(model)
     try:
-        for layer_idx in anatomy.compressible_layers:
-            module = anatomy.attention(layer_idx)
-            layout = AttentionLayout(module, anatomy.family, anatomy.config)
-            view = AttentionView(module, layout, rotary_emb)
-            hooks.append(module.register_forward_hook(_make_hook(self, layout, view), with_kwargs=True))
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
+        masks.release()
+
+
+def _keep_masks_while_alive(masks: _RaggedMasks, caches: list) -> None:
+    """Keep ``masks`` until every ragged cache of ``caches`` is garbage-collected, then release them."""
+    ragged = [cache for cache in caches if _is_ragged(cache)]
+    if not ragged:
+        masks.release()
+        return
+    remaining = {"count": len(ragged)}
+
+    def one_gone() -> None:
+        remaining["count"] -= 1
+        if remaining["count"] == 0:
+            masks.release()
+
+    for cache in ragged:
+        weakref.finalize(cache, one_gone)
+
+
+# -- attaching a press ----------------------------------------------------------------------------------------------
+@contextmanager
+def _sink_aware_scorers() -> Iterator[None]:
+    """kvpress's query-scoring functions that count attention sinks when they score through an AttentionView."""
+    _SinkPatch.depth += 1
+    if _SinkPatch.depth == 1:
+        ExpectedAttentionPress.score = _expected_attention_score
+        SnapKVPress.compute_window_attention = staticmethod(_window_attention)
+    try:
+        yield
+    finally:
+        _SinkPatch.depth -= 1
+        if _SinkPatch.depth == 0:
+            ExpectedAttentionPress.score = _ORIGINAL_EXPECTED_ATTENTION_SCORE
+            SnapKVPress.compute_window_attention = _ORIGINAL_WINDOW_ATTENTION
+
+
+class _SinkPatch:
+    depth = 0
+
+
+def make_views(anatomy: MoEAnatomy) -> dict[int, AttentionView]:
+    """An :class:`AttentionView` of every compressible layer's attention module."""
+    rotary_emb = getattr(anatomy.language_model, "rotary_emb", None)
+    views = {}
+    for layer_idx in anatomy.compressible_layers:
+        module = anatomy.attention(layer_idx)
+        views[layer_idx] = AttentionView(module, AttentionLayout(module, anatomy.family, anatomy.config), rotary_emb)
+    return views
+
+
+class _CacheWatch:
+    """Forward pre-hook on the language model that notes the caches a press compresses (weakly)."""
+
+    def __init__(self):
+        self.caches: list = []
+
+    def __call__(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not any(c is cache for c in self.caches):
+            self.caches.append(cache)
+
+
+@contextmanager
+def attach(press: BasePress, model: nn.Module) -> Iterator[MoEAnatomy | None]:
+    """Run ``press`` MoE-aware on ``model`` inside the block (kvpress's own ``__call__`` for dense models and unknown
+    families). Yields the anatomy, or ``None`` when kvpress's own behaviour is used. Every hook is removed on exit,
+    also when the block raises, except the mask fitting that a ragged cache left behind needs (see the module doc)."""
+    anatomy = moe_anatomy_for_press(model)
+    if anatomy is None:
+        with _ORIGINAL_CALL(press, model):
+            yield None
+        return
+    check_press_supported(press, anatomy)
+    press.post_init_from_model(model)
+    masks = _RaggedMasks.acquire(model)
+    watch = _CacheWatch()
+    handles = [anatomy.language_model.register_forward_pre_hook(watch, with_kwargs=True)]
+    ok = False
+    try:
+        with _sink_aware_scorers() if anatomy.family.sinks_attr else nullcontext():
+            for view in make_views(anatomy).values():
+                handles.append(view.module.register_forward_hook(press_hook(press, view), with_kwargs=True))
+            yield anatomy
+        ok = True
+    finally:
+        for handle in handles:
+            handle.remove()
+        if ok:
+            _keep_masks_while_alive(masks, watch.caches)
+        else:
+            masks.release()
+        watch.caches.clear()
+
+
+@contextmanager
+def _moe_aware_call(self: BasePress, model: nn.Module) -> Iterator[None]:
+    """``BasePress.__call__``, MoE-aware."""
+    with attach(self, model):
+        yield
+
+
+class _MoEAwareBase(BasePress):
+    """Base of the classes :func:`MoEAware` creates: ``BasePress.__call__`` replaced by the MoE-aware one, so that a
+    press's own ``__call__`` (DecodingPress's reset, Finch's embedding hook) still runs around it."""
+
+    __call__ = _moe_aware_call
+
+
+_MOE_AWARE_TYPES: dict[type, type] = {}
+
+
+def _guarded_call(original_call):
+    """``__call__`` of a press that runs its own forward passes: refused on MoE families, its own elsewhere."""
+
+    @contextmanager
+    def call(self: BasePress, model: nn.Module) -> Iterator[None]:
+        anatomy = moe_anatomy_for_press(model)
+        if anatomy is not None:
+            check_press_supported(self, anatomy)
+        with original_call(self, model):
+            yield
+
+    call.__pikv_original__ = original_call
+    return call
+
+
+def _moe_aware_type(cls: type) -> type:
+    sub = _MOE_AWARE_TYPES.get(cls)
+    if sub is None:
+        namespace: dict[str, Any] = {"__module__": cls.__module__}
+        if issubclass(cls, _OWN_CALL_CLASSES):
+            namespace["__call__"] = _guarded_call(cls.__call__)
+        sub = type(f"MoEAware{cls.__name__}", (cls, _MoEAwareBase), namespace)
+        _MOE_AWARE_TYPES[cls] = sub
+    return sub
+
+
+def MoEAware(press: BasePress) -> BasePress:  # noqa: N802  (reads as a kvpress wrapper)
+    """A copy of ``press`` that runs MoE-aware: ``pipe(..., press=MoEAware(SnapKVPress(0.5)))``.
+
+    The copy's class derives from the press's own class (``isinstance(MoEAware(p), type(p))``), so kvpress's
+    pipeline treats decoding presses as such; its ``press(model)`` attaches the MoE-aware hooks of this module. Inner
+    presses are shared with ``press``. Presses of pikv-press are MoE-aware already and are returned as they are.
+    """
+    if not isinstance(press, BasePress):
+        raise TypeError(f"MoEAware wraps a kvpress press (a BasePress), got {type(press).__name__}.")
+    if is_moe_aware(press):
+        return press
+    wrapped = copy.copy(press)
+    wrapped.__class__ = _moe_aware_type(type(press))
+    return wrapped
+
+
+def is_moe_aware(press: BasePress) -> bool:
+    """Whether ``press(model)`` attaches the MoE-aware hooks (MoEAware copies, pikv-press presses, or any press while
+    :func:`kvpress_moe_support` or :func:`install` is on)."""
+    return isinstance(press, _MoEAwareBase) or BasePress.__call__ is _moe_aware_call
+
+
+class _Switch:
+    depth = 0
+    installed = False
+
+
+_ORIGINAL_OWN_CALLS = {cls: cls.__dict__["__call__"] for cls in _OWN_CALL_CLASSES if "__call__" in cls.__dict__}
+
+
+def _set_global(on: bool) -> None:
+    BasePress.__call__ = _moe_aware_call if on else _ORIGINAL_CALL
+    for cls, original in _ORIGINAL_OWN_CALLS.items():
+        cls.__call__ = _guarded_call(original) if on else original
+
+
+@contextmanager
+def kvpress_moe_support() -> Iterator[None]:
+    """Every kvpress press used inside the block is MoE-aware (as if wrapped with :func:`MoEAware`); kvpress is
+    restored on exit. Decoding from a ragged cache inside the block works too."""
+    _Switch.depth += 1
+    _set_global(True)
+    try:
+        yield
+    finally:
+        _Switch.depth -= 1
+        if _Switch.depth == 0 and not _Switch.installed:
+            _set_global(False)
+
+
+def install() -> None:
+    """Make every kvpress press MoE-aware for the rest of the process (idempotent); undo with :func:`uninstall`.
+    Prefer :func:`MoEAware` or :func:`kvpress_moe_support`, which leave the rest of the process alone."""
+    _Switch.installed = True
+    _set_global(True)
+    logger.debug("pikv-press: kvpress presses are now MoE-aware process-wide")
+
+
+def uninstall() -> None:
+    """Restore kvpress's own ``BasePress.__call__`` (inside a :func:`kvpress_moe_support` block, at its end)."""
+    _Switch.installed = False
+    if _Switch.depth == 0:
+        _set_global(False)
+
+
+def is_installed() -> bool:
+    return _Switch.installed
 
 
 def _expected_attention_score(self, module, hidden_states, keys, values, attentions, kwargs):
@@ -316,7 +609,7 @@ def _expected_attention_score(self, module, hidden_states, keys, values, attenti
     A sink adds ``exp(sink_h)`` to head ``h``'s softmax denominator, so a head that parks attention on its sink
     gives every key less weight; without it, the heads of a group would be averaged on the wrong scale.
     """
-    sinks = getattr(module, "sinks", None)
+    sinks = module.attention_sinks if isinstance(module, AttentionView) else None
     if sinks is None:
         return _ORIGINAL_EXPECTED_ATTENTION_SCORE(self, module, hidden_states, keys, values, attentions, kwargs)
     if keys.size(2) <= self.n_sink:
@@ -343,7 +636,7 @@ def _window_attention(module, hidden_states, keys, window_size, position_embeddi
     Attention weights of the last ``window_size`` queries over the keys before the window,
     ``(batch, heads, window_size, k_len - window_size)``.
     """
-    sinks = getattr(module, "sinks", None)
+    sinks = module.attention_sinks if isinstance(module, AttentionView) else None
     if sinks is None:
         return _ORIGINAL_WINDOW_ATTENTION.__func__(module, hidden_states, keys, window_size, position_embeddings)
     bsz, num_kv_heads, k_len, head_dim = keys.shape
@@ -377,7 +670,7 @@ def view_attention_errors(model: nn.Module, input_ids: torch.Tensor, window: int
         view = AttentionView(module, layout, rotary_emb)
         rope = layout.canonical_rope(kwargs["position_embeddings"])
         keys = layout.keys_to_canonical(kwargs["past_key_values"].layers[module.layer_idx].keys)
-        ours = SnapKVPress.compute_window_attention(view, kwargs["hidden_states"], keys, window, rope)
+        ours = _window_attention(view, kwargs["hidden_states"], keys, window, rope)
         errors.append((ours - output[1][..., -window:, :-window]).abs().max().item())
 
     handles = [anatomy.attention(i).register_forward_hook(hook, with_kwargs=True) for i in anatomy.compressible_layers]
@@ -390,26 +683,3 @@ def view_attention_errors(model: nn.Module, input_ids: torch.Tensor, window: int
     return errors
 
 
-def install() -> None:
-    """Make kvpress presses MoE-aware (idempotent). Called on ``import pikv_press``."""
-    global _installed
-    if _installed:
-        return
-    BasePress.__call__ = _moe_aware_call
-    ExpectedAttentionPress.score = _expected_attention_score
-    SnapKVPress.compute_window_attention = staticmethod(_window_attention)
-    _installed = True
-    logger.debug("pikv-press: kvpress presses are now MoE-aware")
-
-
-def uninstall() -> None:
-    """Restore kvpress's own behaviour."""
-    global _installed
-    BasePress.__call__ = _ORIGINAL_CALL
-    ExpectedAttentionPress.score = _ORIGINAL_EXPECTED_ATTENTION_SCORE
-    SnapKVPress.compute_window_attention = _ORIGINAL_WINDOW_ATTENTION
-    _installed = False
-
-
-def is_installed() -> bool:
-    return _installed

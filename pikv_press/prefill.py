@@ -13,16 +13,18 @@ be replayed: :func:`can_replay` says which, and :meth:`PrefillSnapshot.replay` r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from kvpress import BasePress, ComposedPress, DecodingPress, PrefillDecodingPress
 from torch import nn
-from transformers import DynamicCache
+from transformers import Cache
 
 from pikv_press import compat
-from pikv_press.moe import AttentionLayout, get_anatomy, language_model_of
+from pikv_press.cache import layer_access, make_cache
+from pikv_press.moe import get_anatomy, language_model_of
 
 # Presses whose hooks only need what a prefill records (their own `compress`/`score` on top of BasePress's hook).
 _NOT_REPLAYABLE = (DecodingPress, PrefillDecodingPress)
@@ -30,12 +32,12 @@ _NOT_REPLAYABLE = (DecodingPress, PrefillDecodingPress)
 
 def can_replay(press: BasePress) -> bool:
     """Whether ``press`` compresses only in attention hooks at prefill, so that a recorded prefill can replay it."""
-    for inner in compat._inner_presses(press):
+    for inner in compat.inner_presses(press):
         if isinstance(inner, _NOT_REPLAYABLE):
             return False
         cls = type(inner)
         # a press with its own __call__ runs extra forward passes or hooks elsewhere (KVzip, Finch, ...)
-        if cls.__call__ is not BasePress.__call__:
+        if cls.__call__ not in (BasePress.__call__, compat._ORIGINAL_CALL, compat._moe_aware_call):
             return False
         if cls.forward_hook is not BasePress.forward_hook and not isinstance(inner, ComposedPress):
             return False
@@ -58,17 +60,24 @@ class PrefillSnapshot:
     layers: dict[int, _LayerRecord] = field(default_factory=dict)
     num_layers: int = 0
 
-    def full_cache(self) -> DynamicCache:
-        """A fresh copy of the uncompressed cache."""
-        cache = DynamicCache()
+    def full_cache(self, cache_factory: Callable[[], Cache] | None = None) -> Cache:
+        """A fresh copy of the uncompressed cache, in a new cache from ``cache_factory`` (default a DynamicCache);
+        each layer receives the recorded keys and values in one ``update``, as in the recorded prefill."""
+        cache = cache_factory() if cache_factory is not None else make_cache("dynamic")
         for idx in range(self.num_layers):
             record = self.layers[idx]
             cache.update(record.keys.clone(), record.values.clone(), idx)
         return cache
 
-    def replay(self, press: BasePress | None) -> DynamicCache:
-        """The cache ``press`` would have produced during the recorded prefill (a fresh copy; ``None``: full cache)."""
-        cache = self.full_cache()
+    def replay(self, press: BasePress | None, cache_factory: Callable[[], Cache] | None = None) -> Cache:
+        """The cache ``press`` would have produced during the recorded prefill (a fresh copy; ``None``: full cache).
+
+        The same hooks run as under ``with press(model):`` (MoE-aware for :func:`pikv_press.MoEAware` presses and
+        pikv-press presses, kvpress's own otherwise), on a new cache from ``cache_factory`` (for example
+        ``lambda: make_cache("quantized-int4", model.config)``). A ragged result keeps the mask fitting of
+        :mod:`pikv_press.compat` alive until the cache is garbage-collected, as a live press does.
+        """
+        cache = self.full_cache(cache_factory)
         language_model = language_model_of(self.model)
         for layer in language_model.layers:  # head-wise masks of a previous replay (AdaKV) must not leak
             if getattr(layer.self_attn, "masked_key_indices", None) is not None:
@@ -80,30 +89,28 @@ class PrefillSnapshot:
                 f"{type(press).__name__} runs its own forward passes or decoding-time hooks and cannot be replayed "
                 "from a recorded prefill: run it with `with press(model): model.model(...)` instead."
             )
-        compat.enable_ragged_cache_masks(self.model)  # as `press(model)` does: layers may hold different lengths
-        anatomy = _moe_anatomy_or_none(self.model)
+        anatomy = compat.moe_anatomy_for_press(self.model) if compat.is_moe_aware(press) else None
         if anatomy is not None:
             compat.check_press_supported(press, anatomy)
         press.post_init_from_model(self.model)
-        compressible = anatomy.compressible_layers if anatomy is not None else range(self.num_layers)
-        with torch.no_grad():
-            for idx in compressible:
-                record = self.layers[idx]
-                module = language_model.layers[idx].self_attn
-                kwargs = dict(record.kwargs, past_key_values=cache)
-                output = (None, record.attentions)
-                if anatomy is None:  # kvpress's own path for dense models
-                    module.rotary_emb = language_model.rotary_emb
-                    press.forward_hook(module, (), kwargs, output)
+        masks = compat._RaggedMasks.acquire(self.model)
+        try:
+            with torch.no_grad(), compat._sink_aware_scorers():
+                if anatomy is None:  # kvpress's own path
+                    for idx in range(self.num_layers):
+                        module = language_model.layers[idx].self_attn
+                        module.rotary_emb = language_model.rotary_emb  # as kvpress's __call__ does
+                        kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+                        press.forward_hook(module, (), kwargs, (None, self.layers[idx].attentions))
                 else:
-                    layout = AttentionLayout(module, anatomy.family, anatomy.config)
-                    view = compat.AttentionView(module, layout, getattr(language_model, "rotary_emb", None))
-                    compat._make_hook(press, layout, view)(module, (), kwargs, output)
+                    for idx, view in compat.make_views(anatomy).items():
+                        kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+                        compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
+        except BaseException:
+            masks.release()
+            raise
+        compat._keep_masks_while_alive(masks, [cache])
         return cache
-
-
-def _moe_anatomy_or_none(model: nn.Module):
-    return compat._moe_anatomy_or_none(model)
 
 
 class PrefillRecorder:
@@ -139,11 +146,12 @@ class PrefillRecorder:
         cache = kwargs.get("past_key_values")
         if cache is None:
             raise ValueError("PrefillRecorder needs a forward pass with a cache: pass past_key_values=DynamicCache().")
-        layer = cache.layers[module.layer_idx]
-        if getattr(layer, "keys", None) is None or layer.keys.shape[-2] != kwargs["hidden_states"].shape[1]:
+        access = layer_access(cache.layers[module.layer_idx])
+        if access.seq_length() != kwargs["hidden_states"].shape[1]:
             raise ValueError("PrefillRecorder records one prefill from an empty cache; start from a new DynamicCache.")
+        keys, values = access.read()
         kept = {k: v for k, v in kwargs.items() if k != "past_key_values"}
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         self.snapshot.layers[module.layer_idx] = _LayerRecord(
-            kwargs=kept, attentions=attentions, keys=layer.keys.detach().clone(), values=layer.values.detach().clone()
+            kwargs=kept, attentions=attentions, keys=keys.detach().clone(), values=values.detach().clone()
         )

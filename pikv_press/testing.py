@@ -34,6 +34,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from pikv_press.moe.families import MOE_FAMILIES  # noqa: E402
+
 VOCAB = 320
 HIDDEN = 64
 LAYERS = 3
@@ -118,7 +120,7 @@ MOE_CONFIGS = {
 }
 MOE_FAMILY_NAMES = tuple(MOE_CONFIGS)
 # GPT-OSS supports only eager attention; the others run with SDPA like a default load.
-EAGER_ONLY = {"gpt_oss"}
+EAGER_ONLY = {spec.name for spec in MOE_FAMILIES if spec.eager_only}
 
 
 def _randomize_router_buffers(model) -> None:

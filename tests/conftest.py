@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-import pikv_press  # noqa: E402,F401  (installs the kvpress compat layer)
+import pikv_press  # noqa: E402,F401  (registers kvpress's pipeline; changes nothing in kvpress)
 from pikv_press.testing import MOE_FAMILY_NAMES, build_model, build_tokenizer  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and threads spinning against other work cost up to 30x.

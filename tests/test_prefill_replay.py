@@ -18,12 +18,12 @@ from kvpress import (
 )
 from transformers import DynamicCache, pipeline
 
-from pikv_press import get_anatomy
+from pikv_press import MoEAware, get_anatomy
 from pikv_press.prefill import PrefillRecorder, can_replay
 from pikv_press.testing import VOCAB, build_tokenizer
 from tests.conftest import get_model
 
-PRESSES = {
+BARE_PRESSES = {
     "knorm": lambda: KnormPress(0.5),
     "snapkv": lambda: SnapKVPress(0.5, window_size=4),
     "streaming_llm": lambda: StreamingLLMPress(0.6, n_sink=2),
@@ -34,6 +34,7 @@ PRESSES = {
     "adakv": lambda: AdaKVPress(ExpectedAttentionPress(0.5, n_sink=2)),
     "composed": lambda: ComposedPress([StreamingLLMPress(0.25, n_sink=2), SnapKVPress(0.25, window_size=4)]),
 }
+PRESSES = {name: (lambda factory=factory: MoEAware(factory())) for name, factory in BARE_PRESSES.items()}
 FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "llama"]
 
 
@@ -122,3 +123,41 @@ def test_recorder_needs_a_fresh_cache():
     with pytest.raises(ValueError, match="past_key_values"):
         with torch.no_grad(), PrefillRecorder(model):
             model.model(input_ids=_ids(), use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
+@pytest.mark.parametrize("press_name", ["snapkv", "pyramidkv"])
+def test_replay_of_a_bare_press_equals_plain_kvpress(family, press_name):
+    """Without MoEAware, the replay runs kvpress's own hook, exactly as `with press(model)` without pikv-press."""
+    model = get_model(family)
+    ids = _ids()
+    plain = DynamicCache()
+    with torch.no_grad(), BARE_PRESSES[press_name]()(model):
+        model.model(input_ids=ids, past_key_values=plain)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    replayed = recorder.snapshot.replay(BARE_PRESSES[press_name]())
+    for a, b in zip(plain.layers, replayed.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_replay_into_a_quantized_cache_equals_the_plain_path(family):
+    """The cache factory: a press replayed into a quantized cache equals the press run live on that cache."""
+    pytest.importorskip("optimum.quanto")
+    from pikv_press.cache import layer_access, make_cache
+
+    model = get_model(family)
+    ids = _ids()
+    plain = make_cache("quantized-int4", model.config)
+    with torch.no_grad(), PRESSES["snapkv"]()(model):
+        model.model(input_ids=ids, past_key_values=plain)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    replayed = recorder.snapshot.replay(PRESSES["snapkv"](), lambda: make_cache("quantized-int4", model.config))
+    anatomy = get_anatomy(model)
+    for idx in anatomy.compressible_layers:
+        a, b = layer_access(plain.layers[idx]), layer_access(replayed.layers[idx])
+        assert a.seq_length() == b.seq_length() == 20
+        for x, y in zip(a.read(), b.read(), strict=True):
+            assert torch.equal(x, y)

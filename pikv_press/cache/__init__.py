@@ -1,9 +1,23 @@
 """Cache layouts and cache accounting.
 
-Today: :func:`cache_nbytes` and :func:`cache_lengths` measure what a cache really holds. Cache layouts that physically
-hold less (expert-sharded, ragged, quantized, latent) will live here.
+* :func:`layer_access` / :class:`KVLayerAccess`: the one interface through which presses, the prefill replay and the
+  statistics read and write a cache layer (transformers' dynamic, sliding-window and quantized layers; pikv-press's
+  own layouts implement it directly).
+* :func:`make_cache` / :func:`register_cache`: caches by name (``dynamic``, ``quantized-int4``, ...).
+* :func:`cache_nbytes` / :func:`cache_lengths`: what a cache really holds, from tensor storage.
 """
 
+from pikv_press.cache.factory import CACHES, make_cache, register_cache
+from pikv_press.cache.layers import KVLayerAccess, layer_access, register_layer_adapter
 from pikv_press.cache.stats import cache_lengths, cache_nbytes
 
-__all__ = ["cache_lengths", "cache_nbytes"]
+__all__ = [
+    "CACHES",
+    "KVLayerAccess",
+    "cache_lengths",
+    "cache_nbytes",
+    "layer_access",
+    "make_cache",
+    "register_cache",
+    "register_layer_adapter",
+]

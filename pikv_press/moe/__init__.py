@@ -15,12 +15,14 @@ from pikv_press.moe.families import (
     family_for_config,
     supported_families,
 )
+from pikv_press.moe.record import ContextRouting, RoutingRecorder
 from pikv_press.moe.routing import Routing
 from pikv_press.moe.tap import RouterTap, RoutingRecord
 
 __all__ = [
     "AttentionKind",
     "AttentionLayout",
+    "ContextRouting",
     "DENSE_FAMILIES",
     "DENSE_MASKED",
     "FamilySpec",
@@ -29,6 +31,7 @@ __all__ = [
     "RouterScoring",
     "RouterTap",
     "Routing",
+    "RoutingRecorder",
     "RoutingRecord",
     "family_for_config",
     "get_anatomy",

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from pikv_press.moe.families import AttentionKind, FamilySpec
+from pikv_press.moe.families import AttentionKind, FamilySpec, RopeStyle
 
 
 class AttentionLayout:
@@ -48,34 +48,58 @@ class AttentionLayout:
             self.nope_dim, self.rope_dim = 0, module.head_dim
         # The model's logits are q . k * scaling; kvpress divides by sqrt(head_dim): pre-scale queries to match.
         self.query_scale = float(module.scaling) * math.sqrt(self.qk_dim)
-        self._order: torch.Tensor | None = None
-        self._inverse: torch.Tensor | None = None
-        self._identity: bool | None = None
+        self.complex_rope = family.rope_style == RopeStyle.COMPLEX
+        """Complex ``freqs_cis`` instead of ``(cos, sin)``, rotating adjacent pairs (DeepSeek-V2)."""
+        self.interleaved = family.rope_style == RopeStyle.INTERLEAVED_CONFIG and bool(
+            getattr(module.config, "rope_interleave", False)
+        )
+        """Whether the RoPE slice is de-interleaved before rotation (DeepSeek-V3 ``rope_interleave``)."""
+        self.pair_a, self.pair_b = self._rope_pairs(config)
+        order = self._canonical_order(self.pair_a, self.pair_b)
+        self.order = order
+        """Permutation from cache layout to canonical layout: ``canonical = cache[..., order]`` (from the config)."""
+        self._inverse = torch.argsort(order)
+        self.identity = bool(torch.equal(order, torch.arange(self.qk_dim)))
+        """Whether the cache layout already is the canonical one (Llama-like families)."""
 
     # -- rotary structure ------------------------------------------------------------------------------------------
-    @property
-    def complex_rope(self) -> bool:
-        """DeepSeek-V2 passes complex ``freqs_cis`` instead of ``(cos, sin)`` and rotates adjacent pairs."""
-        return self.family.name == "deepseek_v2"
-
-    def rope_angles(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cos, sin, a, b)``: per-pair cos/sin ``(batch, seq, pairs)`` and the head dims ``a[j], b[j]`` that pair
-        ``j`` rotates (``x_a' = x_a cos - x_b sin``, ``x_b' = x_b cos + x_a sin``), in cache layout."""
-        if self.complex_rope:
-            freqs = position_embeddings
-            cos, sin = freqs.real, freqs.imag
-            pairs = cos.shape[-1]
+    def _rope_pairs(self, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head dims ``a[j], b[j]`` rotated together by pair ``j`` (``x_a' = x_a cos - x_b sin``,
+        ``x_b' = x_b cos + x_a sin``), in cache layout, from the config alone."""
+        if self.kind == AttentionKind.MLA:
+            pairs = self.rope_dim // 2
             j = torch.arange(pairs)
-            return cos, sin, self.nope_dim + 2 * j, self.nope_dim + 2 * j + 1
-        cos, sin = position_embeddings
-        if self.kind == AttentionKind.HALF_ROPE:  # tables hold one entry per pair; halves of the head are paired
-            pairs = cos.shape[-1]
-            j = torch.arange(pairs)
-            return cos, sin, j, j + self.qk_dim // 2
-        rotary_dim = cos.shape[-1]  # the rotated slice: whole head, a partial prefix (GLM), or MLA's RoPE part
-        pairs = rotary_dim // 2
+            if self.complex_rope:
+                return self.nope_dim + 2 * j, self.nope_dim + 2 * j + 1
+            return self.nope_dim + j, self.nope_dim + j + pairs
+        if self.kind == AttentionKind.HALF_ROPE:  # one table entry per pair; the halves of the head are paired
+            j = torch.arange(self.qk_dim // 2)
+            return j, j + self.qk_dim // 2
+        rope_parameters = getattr(config, "rope_parameters", None) or {}
+        factor = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        pairs = int(self.qk_dim * factor) // 2  # the rotated slice: whole head, or a partial prefix (GLM)
         j = torch.arange(pairs)
-        return cos[..., :pairs], sin[..., :pairs], self.nope_dim + j, self.nope_dim + j + pairs
+        return j, j + pairs
+
+    @property
+    def rope_pairs(self) -> int:
+        return self.pair_a.numel()
+
+    def rope_angles(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair ``(cos, sin)`` ``(batch, seq, pairs)`` of the rotary tables (pairs ``pair_a``/``pair_b``)."""
+        if self.complex_rope:
+            cos, sin = position_embeddings.real, position_embeddings.imag
+        else:
+            cos, sin = position_embeddings
+            if self.kind != AttentionKind.HALF_ROPE:  # full tables repeat each pair's angle in both halves
+                cos, sin = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+        if cos.shape[-1] != self.rope_pairs:
+            raise ValueError(
+                f"{type(self.module).__name__}: the rotary tables rotate {cos.shape[-1]} pairs but the "
+                f"{self.family.name} config says {self.rope_pairs}. This transformers version lays the model out "
+                "differently from what pikv-press knows; please report it."
+            )
+        return cos, sin
 
     def _canonical_order(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         rotated = torch.zeros(self.qk_dim, dtype=torch.bool)
@@ -87,38 +111,15 @@ class AttentionLayout:
 
     def canonical_rope(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width ``(cos, sin)`` ``(batch, seq, qk_dim)`` for ``q * cos + rotate_half(q) * sin`` (canonical)."""
-        cos, sin, a, b = self.rope_angles(position_embeddings)
-        if self._order is None:
-            self._set_order(self._canonical_order(a, b))
-        passive = (self.qk_dim - 2 * a.numel()) // 2
+        cos, sin = self.rope_angles(position_embeddings)
+        passive = (self.qk_dim - 2 * self.rope_pairs) // 2
         ones = cos.new_ones(*cos.shape[:-1], passive)
         zeros = sin.new_zeros(*sin.shape[:-1], passive)
         return torch.cat([cos, ones, cos, ones], dim=-1), torch.cat([sin, zeros, sin, zeros], dim=-1)
 
-    def _set_order(self, order: torch.Tensor) -> None:
-        self._order = order
-        self._inverse = torch.argsort(order)
-        self._identity = bool(torch.equal(order, torch.arange(self.qk_dim)))
-
-    def _require_order(self) -> None:
-        if self._order is None:
-            raise RuntimeError("The canonical layout is known once canonical_rope() has seen the rotary tables.")
-
-    @property
-    def order(self) -> torch.Tensor:
-        """Permutation from cache layout to canonical layout: ``canonical = cache[..., order]``."""
-        self._require_order()
-        return self._order
-
-    @property
-    def identity(self) -> bool:
-        """Whether the cache layout already is the canonical one (Llama-like families)."""
-        self._require_order()
-        return self._identity
-
     @property
     def needs_cache_transform(self) -> bool:
-        """Whether cached keys/values must be permuted or padded for kvpress (GLM partial RoPE, MLA)."""
+        """Whether cached keys/values differ from the canonical layout (GLM partial RoPE, MLA)."""
         return not self.identity or self.v_dim != self.qk_dim
 
     def keys_to_canonical(self, keys: torch.Tensor) -> torch.Tensor:
@@ -180,7 +181,7 @@ class AttentionLayout:
 
     def _deinterleave(self, states: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 with ``rope_interleave`` de-interleaves the RoPE slice before rotating (cache layout)."""
-        if self.family.name != "deepseek_v3" or not getattr(self.module.config, "rope_interleave", False):
+        if not self.interleaved:
             return states
         nope, rot = states[..., : self.nope_dim], states[..., self.nope_dim :]
         b, h, s, d = rot.shape

@@ -32,6 +32,33 @@ class RouterScoring(str, Enum):
     """PhiMoE's SparseMixer: top-2 chosen sequentially with a jitter-based mask, weights from masked softmaxes."""
 
 
+class RouterOutput(str, Enum):
+    """What a family's router module returns when called (transformers 5.x), so routing can be read off it."""
+
+    PROBS_WEIGHTS_IDS = "probs_weights_ids"
+    """``(probabilities over all experts, top-k weights, top-k ids)`` (Qwen2/3-MoE, Mixtral, OLMoE TopKRouter); a
+    plain ``nn.Linear`` gate of transformers 4.x returns logits instead and is handled too."""
+    LOGITS_WEIGHTS_IDS = "logits_weights_ids"
+    """``(logits, top-k weights, top-k ids)`` (GPT-OSS, PhiMoE)."""
+    DISPATCH_LOGITS_LAST = "dispatch_logits_last"
+    """Sorted dispatch tensors with the logits last; the top-k is recomputed from the logits (Granite-MoE)."""
+    LOGITS = "logits"
+    """Logits only; the MoE block's ``route_tokens_to_experts`` selects experts (DeepSeek-V3, GLM-4-MoE)."""
+    LINEAR_WEIGHT = "linear_weight"
+    """The router is applied as ``x @ weight.T`` in float32, then ``route_tokens_to_experts`` (DeepSeek-V2)."""
+
+
+class RopeStyle(str, Enum):
+    """How a family rotates query/key pairs (what the canonical layout must undo)."""
+
+    HALVES = "halves"
+    """Pairs ``(j, j + rotary_dim / 2)`` over the first ``rotary_dim`` dims of the RoPE slice (Llama)."""
+    INTERLEAVED_CONFIG = "interleaved_config"
+    """As HALVES after de-interleaving the RoPE slice when ``config.rope_interleave`` is set (DeepSeek-V3)."""
+    COMPLEX = "complex"
+    """Complex ``freqs_cis`` instead of ``(cos, sin)``; adjacent pairs ``(2j, 2j + 1)`` (DeepSeek-V2)."""
+
+
 class AttentionKind(str, Enum):
     """How a family's attention module forms queries and keys (what a press must reproduce to score)."""
 
@@ -69,6 +96,17 @@ class FamilySpec:
     """Number of FFN neurons of the always-on shared expert(s) of an MoE layer (0 when there is none)."""
     shared_expert_gated: bool = False
     """Whether the shared expert output is scaled by a learned sigmoid gate (Qwen2-MoE) rather than added as is."""
+    router_output: RouterOutput = RouterOutput.PROBS_WEIGHTS_IDS
+    """What the router module returns (see :class:`RouterOutput`)."""
+    renormalize_topk: bool | None = None
+    """Whether top-k weights are renormalised to sum to one for a plain-logits gate: ``True``/``False``, or ``None``
+    to read ``config.norm_topk_prob`` (Mixtral always renormalises)."""
+    rope_style: RopeStyle = RopeStyle.HALVES
+    """How RoPE pairs dimensions (see :class:`RopeStyle`)."""
+    sinks_attr: str | None = None
+    """Attribute of the attention module holding per-head attention-sink logits (GPT-OSS ``sinks``)."""
+    eager_only: bool = False
+    """Whether this transformers version runs the family with eager attention only (GPT-OSS)."""
 
     @property
     def is_moe(self) -> bool:
@@ -116,6 +154,7 @@ MOE_FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "mixtral", ("mixtral",), AttentionKind.LLAMA, scoring=RouterScoring.SOFTMAX,
         num_experts_key="num_local_experts", is_moe_layer=_every_layer, shared_expert_size=_no_shared,
+        renormalize_topk=True,
     ),
     FamilySpec(
         "olmoe", ("olmoe",), AttentionKind.QK_NORM_FULL, scoring=RouterScoring.SOFTMAX,
@@ -124,27 +163,32 @@ MOE_FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "gpt_oss", ("gpt_oss",), AttentionKind.HALF_ROPE, router_attr="router", scoring=RouterScoring.SOFTMAX_TOPK,
         num_experts_key="num_local_experts", is_moe_layer=_every_layer, shared_expert_size=_no_shared,
+        router_output=RouterOutput.LOGITS_WEIGHTS_IDS, sinks_attr="sinks", eager_only=True,
     ),
     FamilySpec(
         "deepseek_v3", ("deepseek_v3",), AttentionKind.MLA, scoring=RouterScoring.SIGMOID_GROUPED,
         num_experts_key="n_routed_experts", is_moe_layer=_first_k_dense, shared_expert_size=_n_shared_times_moe_size,
+        router_output=RouterOutput.LOGITS, rope_style=RopeStyle.INTERLEAVED_CONFIG,
     ),
     FamilySpec(
         "deepseek_v2", ("deepseek_v2",), AttentionKind.MLA, scoring=RouterScoring.SOFTMAX_GROUPED,
         num_experts_key="n_routed_experts", is_moe_layer=_first_k_dense, shared_expert_size=_n_shared_times_moe_size,
+        router_output=RouterOutput.LINEAR_WEIGHT, rope_style=RopeStyle.COMPLEX,
     ),
     FamilySpec(
         "glm4_moe", ("glm4_moe",), AttentionKind.LLAMA, scoring=RouterScoring.SIGMOID_GROUPED,
         num_experts_key="n_routed_experts", is_moe_layer=_first_k_dense, shared_expert_size=_n_shared_times_moe_size,
+        router_output=RouterOutput.LOGITS,
     ),
     FamilySpec(
         "granitemoe", ("granitemoe",), AttentionKind.LLAMA, moe_attr="block_sparse_moe", router_attr="router",
         scoring=RouterScoring.SOFTMAX_TOPK, num_experts_key="num_local_experts", is_moe_layer=_every_layer,
-        shared_expert_size=_no_shared,
+        shared_expert_size=_no_shared, router_output=RouterOutput.DISPATCH_LOGITS_LAST,
     ),
     FamilySpec(
         "phimoe", ("phimoe",), AttentionKind.LLAMA, router_attr="router", scoring=RouterScoring.SPARSEMIXER,
         num_experts_key="num_local_experts", is_moe_layer=_every_layer, shared_expert_size=_no_shared,
+        router_output=RouterOutput.LOGITS_WEIGHTS_IDS,
     ),
 )
 
@@ -156,6 +200,15 @@ DENSE_FAMILIES: tuple[FamilySpec, ...] = tuple(
 )
 
 _BY_MODEL_TYPE = {model_type: spec for spec in MOE_FAMILIES + DENSE_FAMILIES for model_type in spec.model_types}
+
+
+_MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def looks_like_moe(config: PretrainedConfig) -> bool:
+    """Whether a config of a family outside the registry declares routed experts (for a warning, not a dispatch)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any((getattr(text_config, key, None) or 0) > 1 for key in _MOE_CONFIG_KEYS)
 
 
 def supported_families() -> str:

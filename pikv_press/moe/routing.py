@@ -13,11 +13,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pikv_press.moe.families import FamilySpec, RouterScoring
+from pikv_press.moe.families import FamilySpec, RouterOutput, RouterScoring
+
+
+class TopKRouting:
+    """What every routing record shares: ``topk_ids`` (tokens, top_k), best first."""
+
+    topk_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[0]
+
+    @property
+    def top1(self) -> torch.Tensor:
+        return self.topk_ids[:, 0]
 
 
 @dataclass
-class Routing:
+class Routing(TopKRouting):
     """Routing of ``tokens`` tokens of one layer.
 
     Attributes
@@ -35,10 +49,6 @@ class Routing:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
 
-    @property
-    def top1(self) -> torch.Tensor:
-        return self.topk_ids[:, 0]
-
 
 def _sorted(selection: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort selected experts by their selection score, best first (routers may return them unsorted)."""
@@ -53,7 +63,7 @@ def route(
 
     Parameters
     ----------
-    spec : the model family.
+    spec : the model family (its ``scoring`` and ``router_output`` say how to read the router).
     moe_block, router : the layer's MoE block and its router module.
     hidden_states : (..., hidden) tensor; flattened to tokens.
     top_k : experts per token.
@@ -61,44 +71,46 @@ def route(
     """
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     # Routers are called through .forward: hooks and output recorders (output_router_logits) must not see our calls.
-    scoring = spec.scoring
-    if scoring == RouterScoring.SOFTMAX:
-        out = router.forward(x)
-        if isinstance(out, tuple):  # transformers 5.x TopKRouter: (probabilities, weights, ids)
-            probs, weights, ids = out
-            probs = probs.float()
-        else:  # transformers 4.x: a plain nn.Linear gate returning logits
-            probs = F.softmax(out.float(), dim=-1)
-            weights, ids = probs.topk(top_k, dim=-1)
-            if spec.name == "mixtral" or getattr(config, "norm_topk_prob", False):
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        selection = probs
-    elif scoring == RouterScoring.SOFTMAX_TOPK:
-        out = router.forward(x)
-        logits = out[-1] if spec.name == "granitemoe" else out[0]
-        logits = logits.float()
-        if spec.name == "granitemoe":  # GraniteMoeTopKGating returns sorted dispatch tensors; recompute the routing
-            top_logits, ids = logits.topk(top_k, dim=1)
-            weights = F.softmax(top_logits, dim=1)
-        else:
-            _, weights, ids = out
-        probs = F.softmax(logits, dim=-1)
-        selection = logits
-    elif scoring == RouterScoring.SIGMOID_GROUPED:
+    scoring, output = spec.scoring, spec.router_output
+    if output == RouterOutput.LINEAR_WEIGHT:
+        logits = F.linear(x.float(), router.weight.float())
+        ids, weights = moe_block.route_tokens_to_experts(logits.unsqueeze(0))
+    elif output == RouterOutput.LOGITS:
         logits = router.forward(x).float()
         ids, weights = moe_block.route_tokens_to_experts(logits)
+    else:
+        out = router.forward(x)
+        if not isinstance(out, tuple):  # transformers 4.x: a plain nn.Linear gate returning logits
+            logits = out.float()
+            probs = F.softmax(logits, dim=-1)
+            weights, ids = probs.topk(top_k, dim=-1)
+            renormalize = spec.renormalize_topk
+            if renormalize is None:
+                renormalize = bool(getattr(config, "norm_topk_prob", False))
+            if renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        elif output == RouterOutput.PROBS_WEIGHTS_IDS:
+            probs, weights, ids = out
+            logits = None
+        elif output == RouterOutput.DISPATCH_LOGITS_LAST:  # sorted dispatch tensors: recompute the routing
+            logits = out[-1].float()
+            top_logits, ids = logits.topk(top_k, dim=1)
+            weights = F.softmax(top_logits, dim=1)
+        else:  # LOGITS_WEIGHTS_IDS
+            logits, weights, ids = out
+            logits = logits.float()
+    if scoring == RouterScoring.SIGMOID_GROUPED:
         probs = logits.sigmoid()
         selection = probs + router.e_score_correction_bias.float()
     elif scoring == RouterScoring.SOFTMAX_GROUPED:
-        logits = F.linear(x.float(), router.weight.float())
-        ids, weights = moe_block.route_tokens_to_experts(logits.unsqueeze(0))
         probs = logits.softmax(dim=-1)
         selection = probs
-    elif scoring == RouterScoring.SPARSEMIXER:
-        logits, weights, ids = router.forward(x)
-        logits = logits.float()
+    elif scoring in (RouterScoring.SOFTMAX_TOPK, RouterScoring.SPARSEMIXER):
         probs = F.softmax(logits, dim=-1)
         selection = logits
+    elif scoring == RouterScoring.SOFTMAX:
+        probs = probs.float() if logits is None else F.softmax(logits, dim=-1)
+        selection = probs
     else:  # pragma: no cover - every MoE family has a scoring
         raise ValueError(f"Family {spec.name} has no router.")
     ids, weights = _sorted(selection, ids.long(), weights.float())

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from pikv_press.moe.anatomy import MoEAnatomy, get_anatomy
-from pikv_press.moe.routing import Routing
+from pikv_press.moe.routing import Routing, TopKRouting
 
 
 @dataclass
-class RoutingRecord:
+class RoutingRecord(TopKRouting):
     """Routing of the recorded tokens of one layer, oldest first.
 
     ``probs`` (tokens, num_experts) float32 (``None`` when the tap does not keep probabilities), ``topk_ids``
@@ -34,13 +34,6 @@ class RoutingRecord:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        return self.topk_ids.shape[0]
-
-    @property
-    def top1(self) -> torch.Tensor:
-        return self.topk_ids[:, 0]
 
 
 @dataclass

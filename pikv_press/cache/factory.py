@@ -1,0 +1,55 @@
+"""Caches by name, for the replay, the harness and the benchmark (``--cache dynamic|quantized-int4|...``).
+
+>>> cache = make_cache("quantized-int4", model.config)
+
+Names: ``dynamic`` (transformers' ``DynamicCache``), ``quantized-int4`` / ``quantized-int2`` (transformers'
+``QuantizedCache``, quanto backend, per-channel keys and values, 128 full-precision residual tokens) and
+``quantized-hqq-int4`` / ``quantized-hqq-int8`` (HQQ backend). Later caches of pikv-press register theirs with
+:func:`register_cache`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+from transformers import Cache, DynamicCache, PretrainedConfig, QuantizedCache
+
+CacheFactory = Callable[[PretrainedConfig], Cache]
+
+_BACKEND_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
+
+
+def _quantized(backend: str, nbits: int, residual_length: int = 128, q_group_size: int = 64) -> CacheFactory:
+    def factory(config: PretrainedConfig) -> Cache:
+        module, package = _BACKEND_PACKAGES[backend]
+        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+            raise ValueError(f"The {backend} quantized cache needs `pip install {package}`.")
+        return QuantizedCache(backend=backend, config=config, nbits=nbits, residual_length=residual_length,
+                              q_group_size=q_group_size)
+
+    return factory
+
+
+CACHES: dict[str, CacheFactory] = {
+    "dynamic": lambda config: DynamicCache(),
+    "quantized-int4": _quantized("quanto", 4),
+    "quantized-int2": _quantized("quanto", 2),
+    "quantized-hqq-int4": _quantized("hqq", 4),
+    "quantized-hqq-int8": _quantized("hqq", 8),
+}
+
+
+def register_cache(name: str, factory: CacheFactory) -> None:
+    """Make ``make_cache(name, config)`` return ``factory(config)``."""
+    CACHES[name] = factory
+
+
+def make_cache(name: str, config: PretrainedConfig | None = None) -> Cache:
+    """A new empty cache of kind ``name`` for a model with ``config``; ``ValueError`` listing the names otherwise."""
+    factory = CACHES.get(name)
+    if factory is None:
+        raise ValueError(f"Unknown cache {name!r}; choose from {', '.join(CACHES)}.")
+    if config is None and name != "dynamic":
+        raise ValueError(f"The {name} cache needs the model's config: make_cache({name!r}, model.config).")
+    return factory(config)
