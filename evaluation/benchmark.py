@@ -2,12 +2,14 @@
 
     python -m evaluation.benchmark [--model embedded|<path or hub id>] [--press_name no_press,knorm,snapkv]
         [--compression_ratio 0.5] [--lengths 1024,2048,4096,8192] [--decode_tokens 32] [--repeats 1]
-        [--threads N] [--device cpu|cuda] [--context essay|random] [--output_dir results/benchmark]
+        [--threads N] [--device cpu|cuda] [--context essay|random] [--cache dynamic|quantized-int4|...]
+        [--output_dir results/benchmark]
 
 For every (press, compression ratio, context length) and every repeat, :func:`measure` runs one batch-1 request the
 way kvpress's ``kv-press-text-generation`` pipeline does and returns one row:
 
-- ``prefill_s``: wall time of ``model.model(input_ids=context, past_key_values=DynamicCache())`` inside
+- ``prefill_s``: wall time of ``model.model(input_ids=context, past_key_values=cache)`` (a new cache of
+  ``--cache``, default ``dynamic``: :func:`pikv_press.make_cache`) inside
   ``with press(model):`` (so it includes the press's scoring and the pruning of the cache); no lm_head.
 - ``first_token_s``: the lm_head on the last position of the prefill's hidden states and its argmax (the first
   generated token); ``ttft_s = prefill_s + first_token_s``.
@@ -56,10 +58,10 @@ from typing import Any
 
 import torch
 from kvpress import BasePress, DecodingPress, PrefillDecodingPress
-from transformers import DynamicCache
 
 from evaluation.models import load_model
-from pikv_press import cache_lengths, cache_nbytes
+from pikv_press import cache_lengths, cache_nbytes, make_cache
+from pikv_press.cache import CACHES
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ COLUMNS: tuple[str, ...] = (
     "press",
     "compression_ratio",
     "context",
+    "cache",
     "context_length",
     "repeat",
     "prefill_s",
@@ -233,10 +236,10 @@ def _sync(device: torch.device) -> None:
 
 def measure(
     model: torch.nn.Module,
-    tokenizer: Any,
     press: BasePress | None,
     context_ids: torch.Tensor,
     decode_tokens: int,
+    cache: str = "dynamic",
 ) -> dict[str, Any]:
     """One batch-1 request: prefill under ``press``, first token, ``decode_tokens`` greedy steps; timings and memory.
 
@@ -244,9 +247,8 @@ def measure(
     ``decode_ms_per_token``, ``peak_mem_mib``, ``peak_total_mib``, ``mem_method``, ``kv_cache_bytes``,
     ``kv_cache_mib``, ``kv_tokens_per_layer`` (mean), ``kv_tokens_min``, ``kv_tokens_max``, ``kv_layer_tokens``
     (the per-layer list), ``context_length`` and ``generated_ids`` (the first token followed by the decoded ones).
-    ``tokenizer`` is accepted for symmetry with kvpress's pipeline and is not used.
+    ``cache`` names the cache the request fills (:func:`pikv_press.make_cache`: ``dynamic``, ``quantized-int4``, ...).
     """
-    del tokenizer
     if decode_tokens < 0:
         raise ValueError(f"decode_tokens must be >= 0, got {decode_tokens}")
     device = next(model.parameters()).device
@@ -255,7 +257,7 @@ def measure(
     prefill_press = press is not None and not isinstance(press, DecodingPress)
     decoding_press = press is not None and isinstance(press, (DecodingPress, PrefillDecodingPress))
     lm_head = model.get_output_embeddings()
-    cache = DynamicCache()
+    cache = make_cache(cache, model.config)
 
     with torch.no_grad(), PeakMemory(device) as memory:
         _sync(device)
@@ -318,6 +320,7 @@ def run_benchmark(
     warmup_length: int = 128,
     progress: bool = True,
     press_options: dict[str, Any] | None = None,
+    cache: str = "dynamic",
 ) -> list[dict[str, Any]]:
     """Every (press, ratio, length) x ``repeats``, after one untimed warm-up per (press, ratio); rows in order.
 
@@ -341,7 +344,7 @@ def run_benchmark(
     warm_ids = context_ids(tokenizer, min(warmup_length, min(lengths)), context)
     for name, ratio in configs:
         logger.info("warm-up: %s@%s on %d tokens", name, ratio, warm_ids.shape[1])
-        measure(model, tokenizer, press_for_run(name, ratio, **options), warm_ids, 2)
+        measure(model, press_for_run(name, ratio, **options), warm_ids, 2, cache)
 
     common = {
         "model": model_name,
@@ -349,12 +352,13 @@ def run_benchmark(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads() if device.type == "cpu" else "",
         "context": context,
+        "cache": cache,
     }
     rows: list[dict[str, Any]] = []
     jobs = [(length, name, ratio, r) for length in lengths for name, ratio in configs for r in range(repeats)]
     for length, name, ratio, repeat in tqdm(jobs, desc="benchmark", disable=not progress):
         press = press_for_run(name, ratio, **options)
-        result = measure(model, tokenizer, press, contexts[length], decode_tokens)
+        result = measure(model, press, contexts[length], decode_tokens, cache)
         result.pop("generated_ids")
         row = {**common, "press": name, "compression_ratio": ratio, "repeat": repeat, **result}
         rows.append({column: row.get(column, "") for column in COLUMNS})
@@ -452,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--context", default="essay", choices=["essay", "random"], help="essay text or random ids")
+    parser.add_argument("--cache", default="dynamic", choices=sorted(CACHES), help="the KV cache each request fills")
     parser.add_argument("--output_dir", type=Path, default=Path("results/benchmark"))
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args(argv)
@@ -488,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {label} on {args.device} ({args.dtype}, threads={torch.get_num_threads()}) "
           f"loaded in {time.perf_counter() - start:.0f} s")
     rows = run_benchmark(model, tokenizer, press_names, ratios, lengths, args.decode_tokens, args.repeats,
-                         args.context, label, progress=not args.no_progress, press_options=options)
+                         args.context, label, progress=not args.no_progress, press_options=options, cache=args.cache)
 
     import pandas as pd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from evaluation.benchmark import COLUMNS, PeakMemory, context_ids, main, measure, random_context_ids
@@ -27,10 +28,10 @@ def _expected_kv_bytes(model, lengths: list[int]) -> int:
 def test_measure_row_has_every_field_and_decodes(tokenizer):
     model = get_model("qwen3_moe")
     ids = random_context_ids(tokenizer, 96)
-    row = measure(model, tokenizer, None, ids, decode_tokens=4)
+    row = measure(model, None, ids, decode_tokens=4)
     assert FIELDS <= set(row)
     assert set(COLUMNS) - set(row) == {"model", "device", "dtype", "threads", "press", "compression_ratio",
-                                       "context", "repeat"}  # filled in by run_benchmark
+                                       "context", "cache", "repeat"}  # filled in by run_benchmark
     for key in ("prefill_s", "first_token_s", "ttft_s", "decode_s", "decode_ms_per_token", "peak_total_mib"):
         assert row[key] > 0, key
     assert row["peak_mem_mib"] >= 0
@@ -47,15 +48,26 @@ def test_measure_row_has_every_field_and_decodes(tokenizer):
 def test_half_press_halves_kv_bytes_exactly(tokenizer):
     model = get_model("qwen3_moe")
     ids = random_context_ids(tokenizer, 128)
-    full = measure(model, tokenizer, None, ids, decode_tokens=2)
+    full = measure(model, None, ids, decode_tokens=2)
     n_layers = model.config.num_hidden_layers
     for name in ("knorm", "snapkv", "streaming_llm"):
-        row = measure(model, tokenizer, make_press(name, 0.5), ids, decode_tokens=2)
+        row = measure(model, make_press(name, 0.5), ids, decode_tokens=2)
         lengths = [int(x) for x in row["kv_layer_tokens"].split()]
         assert lengths == [64] * n_layers, name
         assert row["kv_cache_bytes"] == _expected_kv_bytes(model, lengths), name
         assert 2 * row["kv_cache_bytes"] == full["kv_cache_bytes"], name
         assert len(row["generated_ids"]) == 3
+
+
+def test_quantized_cache_request_holds_fewer_bytes(tokenizer):
+    """--cache: the same request on transformers' int4 quantized cache, bytes counted from storage."""
+    pytest.importorskip("optimum.quanto")
+    model = get_model("qwen3_moe")
+    ids = random_context_ids(tokenizer, 256)
+    full = measure(model, None, ids, decode_tokens=2)
+    int4 = measure(model, None, ids, decode_tokens=2, cache="quantized-int4")
+    assert int4["kv_layer_tokens"] == full["kv_layer_tokens"]
+    assert 4 * int4["kv_cache_bytes"] < full["kv_cache_bytes"]  # float32 -> 4 bits plus scales and zero points
 
 
 def test_essay_context_has_exactly_the_requested_length(tokenizer):
