@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -568,17 +568,19 @@ def glm4moe_layer(split: LayerSplit, gate_logit_scale: float) -> Glm4MoeLayer:
     )
 
 
-def glm4moe_state_dict(dense_state: dict[str, torch.Tensor], layers: Sequence[Glm4MoeLayer]) -> dict[str, torch.Tensor]:
+def glm4moe_state_dict(
+    dense_state: dict[str, torch.Tensor], layers: Sequence[Glm4MoeLayer] | Mapping[int, Glm4MoeLayer]
+) -> dict[str, torch.Tensor]:
     """Map a Llama state dict + per-layer :class:`Glm4MoeLayer` onto ``Glm4MoeForCausalLM`` parameter names.
 
     Pure indexing and copying (bit-exact on any machine): FFN rows and columns gathered by the layers' indices, the
-    gate copied as stored.
+    gate copied as stored. ``layers`` is one entry per layer, or ``{layer index: entry}`` for some layers only.
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in dense_state.items():
         if ".mlp." not in name:
             out[name] = tensor.detach().clone()
-    for i, layer in enumerate(layers):
+    for i, layer in layers.items() if isinstance(layers, Mapping) else enumerate(layers):
         pre = f"model.layers.{i}.mlp."
         gate = dense_state[pre + "gate_proj.weight"]
         up = dense_state[pre + "up_proj.weight"]
