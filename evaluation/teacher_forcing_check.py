@@ -39,6 +39,7 @@ from evaluation.metrics import sample_string_match
 from evaluation.models import EMBEDDED, load_model, model_tag
 from evaluation.registry import press_for_run
 from pikv_press.answer import (
+    TEACHER_FORCING_VERSION,
     greedy_reproduces,
     greedy_tokens,
     layer_lengths,
@@ -80,7 +81,7 @@ def run(frame: pd.DataFrame, presses: Sequence[str], ratio: float, out_file: Pat
     done = read_results(out_file)
     done_keys = set()
     if len(done):
-        done = done[done["model"] == model_folder]
+        done = _current(done, model_folder)
         done_keys = set(zip(done["task"], done["index"].astype(int), done["press"], strict=True))
     model, tokenizer, _ = load_model(model_name, device)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
@@ -121,7 +122,8 @@ def run(frame: pd.DataFrame, presses: Sequence[str], ratio: float, out_file: Pat
             else:
                 token_hits = [greedy_reproduces(tokens, [c], stop)[0] for c in candidates]
             record = {
-                "model": model_folder, "task": row.task, "index": int(row.index), "press": name, "ratio": ratio,
+                "model": model_folder, "rules": TEACHER_FORCING_VERSION, "task": row.task, "index": int(row.index),
+                "press": name, "ratio": ratio,
                 "match": match, "answer": references, "max_new_tokens": budget, "generated": generated,
                 "generated_tokens": len(tokens), "string_match": sample_string_match(generated, references, match),
                 "tokens_reproduce": token_hits, "tf_exact": tf.exact, "tf_share": tf.share, "tf_values": tf.values,
@@ -135,6 +137,12 @@ def run(frame: pd.DataFrame, presses: Sequence[str], ratio: float, out_file: Pat
     return added
 
 
+def _current(df: pd.DataFrame, model_folder: str) -> pd.DataFrame:
+    """Results of ``model_folder`` under the current teacher-forcing rules."""
+    rules = df["rules"] if "rules" in df else pd.Series(1, index=df.index)
+    return df[(df["model"] == model_folder) & (rules == TEACHER_FORCING_VERSION)]
+
+
 def _share(flags: pd.Series) -> float:
     return round(100 * float(flags.mean()), 1) if len(flags) else float("nan")
 
@@ -142,9 +150,11 @@ def _share(flags: pd.Series) -> float:
 def report(out_file: Path, model_folder: str) -> dict:
     """Agreement and cost of the results of ``model_folder`` in ``out_file``."""
     df = read_results(out_file)
-    if not len(df) or not (df["model"] == model_folder).any():
-        raise SystemExit(f"no results of {model_folder} in {out_file}: run the check first.")
-    df = df[df["model"] == model_folder].drop_duplicates(["task", "index", "press"], keep="last").copy()
+    df = _current(df, model_folder) if len(df) else df
+    if not len(df):
+        raise SystemExit(f"no results of {model_folder} (rules v{TEACHER_FORCING_VERSION}) in {out_file}: run the "
+                         "check first.")
+    df = df.drop_duplicates(["task", "index", "press"], keep="last").copy()
     df["generated_right"] = df["string_match"] >= 100.0  # every value found (niah), any found (qa)
     df["agree"] = df["generated_right"] == df["tf_exact"]
     df["share_agree"] = (df["string_match"] - 100 * df["tf_share"]).abs() < 1e-6
@@ -157,6 +167,7 @@ def report(out_file: Path, model_folder: str) -> dict:
     full_tf = per_sample["prefill_s"].sum() + per_sample["replay_s"].sum() + per_sample["tf_s"].sum()
     result = {
         "model": model_folder,
+        "rules": TEACHER_FORCING_VERSION,
         "samples": int(len(per_sample)),
         "pairs": int(len(df)),
         "presses": sorted(df["press"].unique()),

@@ -31,6 +31,8 @@ from torch import nn
 from transformers import Cache, QuantizedCache
 
 MATCH_MODES = ("all", "any")
+# Version of the teacher-forced verdict's rules (lead-in, false starts); results files record it.
+TEACHER_FORCING_VERSION = 2
 DEFAULT_MAX_LEAD_IN = 8
 
 
@@ -170,32 +172,42 @@ class _ValueResult:
 
 def _score_value(model, cache: Cache, logits: torch.Tensor, position: int, candidates: list[list[int]],
                  stop: set[int], max_lead_in: int) -> tuple[_ValueResult, int]:
-    """Greedy lead-in until a token that starts a candidate, then one forward over that candidate."""
+    """Greedy lead-in until the value is written, at most ``max_lead_in`` tokens in: at each greedy token that starts
+    a spelling of the value, one forward over that spelling says whether greedy decoding writes all of it; if not (a
+    false start, e.g. the ``1`` of a list's ``1.`` before a value starting with 1), greedy decoding has written that
+    one token and the search goes on from there."""
     starts: dict[int, list[int]] = {}
     for cand in candidates:
         starts.setdefault(cand[0], cand)
     lead: list[int] = []
-    chosen = None
     while True:
         token = int(logits.argmax())
         if token in starts:
             chosen = starts[token]
-            break
+            before = layer_lengths(cache)
+            forced = _forward(model, torch.tensor(chosen), cache, position)
+            predictions = torch.cat([logits[None], forced[:-1]])  # the logits that predict each gold token
+            if bool((predictions.argmax(-1) == torch.tensor(chosen)).all()):
+                nll = float(torch.nn.functional.cross_entropy(predictions, torch.tensor(chosen), reduction="sum"))
+                result = _ValueResult(True, nll, len(chosen), lead, len(lead) + len(chosen), forced[-1])
+                return result, position + len(chosen)
+            trim_cache(cache, [length + 1 for length in before])  # greedy wrote the first token only
+            next_logits = forced[0]
+        elif token not in stop and len(lead) < max_lead_in:
+            next_logits = _forward(model, torch.tensor([token]), cache, position, logits_to_keep=1)[-1]
         if token in stop or len(lead) >= max_lead_in:
+            if token in starts:  # the false start's token is not part of the answer scored below
+                trim_cache(cache, before)
             break
         lead.append(token)
-        logits = _forward(model, torch.tensor([token]), cache, position, logits_to_keep=1)[-1]
         position += 1
-    started = chosen is not None
-    if chosen is None:  # greedy decoding does not start the value: a miss; force the likeliest spelling for the NLL
-        chosen = max(candidates, key=lambda c: float(logits[c[0]]))
+        logits = next_logits
+    # greedy decoding does not write the value: a miss; force the likeliest spelling for the NLL and what follows
+    chosen = max(candidates, key=lambda c: float(logits[c[0]]))
     forced = _forward(model, torch.tensor(chosen), cache, position)
-    predictions = torch.cat([logits[None], forced[:-1]])  # logits that predict each gold token
-    targets = torch.tensor(chosen)
-    nll = torch.nn.functional.cross_entropy(predictions, targets, reduction="sum")
-    hit = started and bool((predictions.argmax(-1) == targets).all())
-    result = _ValueResult(hit, float(nll), len(chosen), lead, len(lead) + len(chosen), forced[-1])
-    return result, position + len(chosen)
+    predictions = torch.cat([logits[None], forced[:-1]])
+    nll = float(torch.nn.functional.cross_entropy(predictions, torch.tensor(chosen), reduction="sum"))
+    return _ValueResult(False, nll, len(chosen), lead, len(lead) + len(chosen), forced[-1]), position + len(chosen)
 
 
 def teacher_forced_score(
@@ -271,8 +283,9 @@ def greedy_reproduces(
     max_lead_in: int = DEFAULT_MAX_LEAD_IN,
 ) -> list[bool]:
     """Reference for :func:`teacher_forced_score` (``match="all"``) from a decoded greedy answer's ``tokens``: for each
-    value in order, whether the answer writes it (after at most ``max_lead_in`` tokens that cannot start it); values
-    after the first miss are misses. Used by the tests to check that teacher forcing is exact."""
+    value in order, whether the answer writes one of its spellings after at most ``max_lead_in`` other tokens (and
+    before an end-of-sequence token); values after the first miss are misses. The tests check that teacher forcing
+    gives exactly these verdicts."""
     hits: list[bool] = []
     i = 0
     for candidates in candidates_per_value:
@@ -282,13 +295,14 @@ def greedy_reproduces(
         starts: dict[int, Sequence[int]] = {}
         for cand in candidates:
             starts.setdefault(cand[0], cand)
-        lead = 0
-        while i < len(tokens) and tokens[i] not in starts and tokens[i] not in stop and lead < max_lead_in:
+        lead, hit = 0, False
+        while i < len(tokens):
+            cand = starts.get(tokens[i])
+            if cand is not None and list(tokens[i:i + len(cand)]) == list(cand):
+                hit, i = True, i + len(cand)
+                break
+            if tokens[i] in stop or lead >= max_lead_in:
+                break
             i, lead = i + 1, lead + 1
-        if i >= len(tokens) or tokens[i] not in starts:
-            hits.append(False)
-            continue
-        cand = list(starts[tokens[i]])
-        hits.append(list(tokens[i:i + len(cand)]) == cand)
-        i += len(cand)
+        hits.append(hit)
     return hits

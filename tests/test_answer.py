@@ -52,7 +52,7 @@ def test_greedy_answers_equal_kvpress_pipeline(setup, name):
 def _golds(tokenizer, tokens: list[int]) -> list[list[str]]:
     """Gold answers that greedy decoding does and does not write: pieces of its own answer, altered pieces."""
     golds = []
-    for start, length in itertools.product(range(4), (1, 2, 4)):
+    for start, length in itertools.product(range(3), (1, 3)):
         piece = tokenizer.decode(tokens[start:start + length], skip_special_tokens=True).strip()
         if piece:
             golds += [[piece], [piece + "x"], ["q" + piece]]
@@ -68,7 +68,7 @@ def test_teacher_forced_verdict_is_greedy_generation(setup):
     context_length = inputs["context_ids"].shape[1]
     stop = {int(model.generation_config.eos_token_id)}
     seen = set()
-    for name, question_ids in itertools.product(PRESSES, inputs["questions_ids"]):
+    for name, question_ids in itertools.product(("no_press", "snapkv"), inputs["questions_ids"]):
         cache = snapshot.replay(make_press(name, 0.5))
         before = layer_lengths(cache)
         lengths = layer_lengths(cache)
