@@ -221,7 +221,7 @@ def calibration_ids(model, tokenizer, recipe: MoEficationRecipe, seed: int) -> t
     The ids of the default recipe ship with the package (``calibration/smollm2-<key>.safetensors``, written by
     ``--export-calibration``): sampling the generated part costs minutes on a CPU and its exact tokens depend on the
     machine's floating-point reductions, the Python-reference part on the interpreter's version, so shipping the ids
-    makes the build fast and identical everywhere.  Other recipes generate them once into the cache.
+    makes the fit faster and its input identical everywhere.  Other recipes generate them once into the cache.
     """
     key = calibration_key(recipe, seed)
     shipped = shipped_calibration_path(key)
