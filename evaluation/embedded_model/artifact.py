@@ -71,8 +71,8 @@ def write_artifact(layers: Sequence[Glm4MoeLayer], recipe: MoEficationRecipe, se
 
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        if int(layer.expert_idx.max()) > torch.iinfo(torch.int16).max:
-            raise ValueError("neuron indices do not fit int16")
+        if max(int(layer.expert_idx.max()), int(layer.shared_idx.max())) > torch.iinfo(torch.int16).max:
+            raise ValueError(f"layer {i}: neuron indices do not fit int16 (FFNs over 32767 neurons need int32)")
         tensors[f"layers.{i}.shared_idx"] = layer.shared_idx.to(torch.int16).contiguous()
         tensors[f"layers.{i}.expert_idx"] = layer.expert_idx.to(torch.int16).contiguous()
         tensors[f"layers.{i}.gate_weight"] = layer.gate_weight.float().contiguous()
@@ -118,7 +118,7 @@ def read_artifact(name: str, directory: Path = ARTIFACT_DIR) -> tuple[list[Glm4M
     if not name.endswith(digest[:10]) or manifest["artifact_sha256"] != digest:
         raise ValueError(
             f"{path} is corrupt or was edited: its sha256 {digest[:10]}... matches neither its name nor its manifest "
-            f"(a Git LFS pointer? restore it with `git checkout -- {path.name}`, or regenerate with `{FIT_COMMAND}`)"
+            f"(a Git LFS pointer? restore it with `git checkout -- {path}`, or regenerate with `{FIT_COMMAND}`)"
         )
     with safe_open(str(path), framework="pt") as f:
         info = json.loads(f.metadata()["pikv"])
