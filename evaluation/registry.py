@@ -21,6 +21,7 @@ from kvpress import BasePress
 
 import pikv_press
 from evaluation.benchmarks import longbench, needle_in_haystack, ruler
+from pikv_press import presses as pikv_presses
 
 # name -> factory, every press of kvpress 0.5.5's evaluation registry (kvsummary, kvsquared and the
 # ThresholdPress-based kvzap entries need presses that kvpress 0.5.5 does not have). Presses that need downloads
@@ -75,10 +76,26 @@ KVPRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "decoding_adakv_snapkv": lambda: kp.DecodingPress(base_press=kp.AdaKVPress(kp.SnapKVPress())),
 }
 
-# pikv-press's own presses (routing-aware presses and PiKVPress land here with their issue).
-PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {}
+# pikv-press's own presses (the demo runs every one of them). Routing features on TOVA: see
+# evaluation/routing_ablation.py for how they were chosen and measured.
+PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
+    "expert_balanced_tova": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress()),
+    "router_affinity_tova": lambda: pikv_presses.RouterAffinityPress(press=kp.TOVAPress()),
+    "routing_novelty_tova": lambda: pikv_presses.RoutingNoveltyPress(press=kp.TOVAPress()),
+}
 
-PRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {**KVPRESS_REGISTRY, **PIKV_REGISTRY}
+# Variants for ablations (not in the demo): routing predicted from the attention input, features alone.
+PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
+    "expert_balanced_tova_predicted": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress(),
+                                                                               routing="predicted"),
+    "expert_balanced_tova_top4": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress(), experts_per_token=4),
+    "expert_balanced_knorm": lambda: pikv_presses.ExpertBalancedPress(press=kp.KnormPress()),
+    "router_affinity": pikv_presses.RouterAffinityPress,
+    "routing_novelty": pikv_presses.RoutingNoveltyPress,
+}
+
+PRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {**KVPRESS_REGISTRY, **PIKV_REGISTRY,
+                                                             **PIKV_ABLATION_REGISTRY}
 
 # The baselines that ``make demo``, the scripts and the tests compare (the kvpress leaderboard's usual set).
 BASELINE_PRESSES = ("knorm", "snapkv", "streaming_llm", "expected_attention", "tova", "keydiff", "pyramidkv")

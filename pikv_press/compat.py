@@ -36,6 +36,15 @@ What MoE-aware means (one mechanism, :func:`attach`, which the prefill replay re
   pre-hook per attention module fits each layer's mask to its cache length. It exists while a MoE-aware press is
   active and, when that press left a ragged cache behind, until that cache is garbage-collected (so that the
   pipeline can decode from it); nothing stays on the model after that.
+* *Routing for presses* (presses whose ``needs_routing`` is true, such as pikv-press's routing presses with
+  ``routing="actual"``): the routing of layer ``l`` exists only after layer ``l``'s MoE block, which runs after its
+  attention. For such presses the attention hook sets the layer aside at prefill and the press runs, with the same
+  arguments, in a forward hook of the decoder layer whose MoE block gives the routing (dense layers borrow the
+  routing of the nearest MoE layer, :func:`routing_source_layer`), in layer order. The routing (a
+  :class:`~pikv_press.moe.ContextRouting` from a :class:`~pikv_press.moe.RoutingRecorder`) reaches the press in its
+  ``kwargs`` under :data:`ROUTING_KWARG`. This is the cache a hook in the attention would have produced: during
+  prefill no layer reads its own cache again after its attention, and nothing the press does changes the hidden
+  states that flow on.
 * combinations that cannot be made right raise a ``ValueError`` that says what to do; a model of a known family whose
   layout differs from what pikv-press knows raises; an MoE model of an unknown family gets kvpress's own behaviour
   with a warning; dense models always get kvpress's own behaviour.
@@ -64,7 +73,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from pikv_press.cache.layers import DynamicLayerAccess, layer_access
-from pikv_press.moe import AttentionLayout, MoEAnatomy, get_anatomy, language_model_of
+from pikv_press.moe import AttentionLayout, MoEAnatomy, RoutingRecorder, get_anatomy, language_model_of
 from pikv_press.moe.families import looks_like_moe
 
 logger = logging.getLogger(__name__)
@@ -213,6 +222,82 @@ def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
             "AdaKVPress masks keys inside the patched attention functions, which eager attention does not go "
             f"through: {hint}."
         )
+
+
+# -- routing for presses ------------------------------------------------------------------------------------------
+ROUTING_KWARG = "pikv_routing"
+"""Key of the press ``kwargs`` that holds the routing of the layer's context tokens (a ``ContextRouting``)."""
+
+
+def needs_routing(press: BasePress) -> bool:
+    """Whether ``press`` or a press nested in it reads the actual routing of each layer (``needs_routing``)."""
+    return any(bool(getattr(p, "needs_routing", False)) for p in inner_presses(press))
+
+
+def routing_source_layer(anatomy: MoEAnatomy, layer_idx: int) -> int:
+    """The MoE layer whose routing layer ``layer_idx`` uses: itself, or for a dense layer the nearest MoE layer (the
+    earlier one on a tie)."""
+    if not anatomy.moe_layers:
+        raise ValueError(f"Routing needs an MoE model; {anatomy.describe()}.")
+    return min(anatomy.moe_layers, key=lambda m: (abs(m - layer_idx), m))
+
+
+class _RoutedHooks:
+    """Hooks of a press that reads routing: attention hooks set layers aside at prefill, decoder-layer hooks run the
+    press once the routing it needs has been recorded (see the module docstring)."""
+
+    def __init__(self, press: BasePress, anatomy: MoEAnatomy, views: dict[int, AttentionView]):
+        self.press = press
+        self.anatomy = anatomy
+        self.views = views
+        self.source = {idx: routing_source_layer(anatomy, idx) for idx in views}
+        self.recorder = RoutingRecorder(anatomy.model)
+        self.pending: dict[int, tuple] = {}
+
+    def register(self, handles: list) -> None:
+        """Register every hook, appending the handles to ``handles`` as they are made (the recorder is exited by
+        :meth:`close`)."""
+        self.recorder.__enter__()
+        handles.append(self.anatomy.language_model.register_forward_pre_hook(self._start))
+        for view in self.views.values():
+            handles.append(view.module.register_forward_hook(self._attention_hook(view), with_kwargs=True))
+        for idx in range(self.anatomy.num_layers):
+            handles.append(self.anatomy.layers[idx].register_forward_hook(self._layer_hook(idx)))
+
+    def close(self) -> None:
+        self.recorder.__exit__()
+        self.recorder.reset()
+        self.pending.clear()
+
+    def _start(self, module, args) -> None:  # every forward pass routes its own tokens
+        self.recorder.reset()
+        self.pending.clear()
+
+    def _attention_hook(self, view: AttentionView):
+        plain = press_hook(self.press, view)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if kwargs.get("past_key_values") is None or not is_prefilling(kwargs["cache_position"],
+                                                                           kwargs["hidden_states"].shape[1]):
+                return plain(module, args, kwargs, output)
+            self.pending[view.layer_idx] = (args, kwargs, output)
+            return output
+
+        return hook
+
+    def _layer_hook(self, layer_idx: int):
+        def hook(module, args, output) -> None:
+            while self.pending:
+                first = min(self.pending)
+                if self.source[first] > layer_idx:
+                    return  # layers run in order: the first layer waiting needs a later routing
+                args_, kwargs, attn_output = self.pending.pop(first)
+                routing = self.recorder.routing(self.source[first])
+                view = self.views[first]
+                press_hook(self.press, view)(view.module, args_, dict(kwargs, **{ROUTING_KWARG: routing}),
+                                             attn_output)
+
+        return hook
 
 
 # -- the hook ------------------------------------------------------------------------------------------------------
@@ -474,16 +559,24 @@ def attach(press: BasePress, model: nn.Module) -> Iterator[MoEAnatomy | None]:
     masks = _RaggedMasks.acquire(model)
     watch = _CacheWatch()
     handles = [anatomy.language_model.register_forward_pre_hook(watch, with_kwargs=True)]
+    routed = None
     ok = False
     try:
         with _sink_aware_scorers() if anatomy.family.sinks_attr else nullcontext():
-            for view in make_views(anatomy).values():
-                handles.append(view.module.register_forward_hook(press_hook(press, view), with_kwargs=True))
+            views = make_views(anatomy)
+            if needs_routing(press):
+                routed = _RoutedHooks(press, anatomy, views)
+                routed.register(handles)
+            else:
+                for view in views.values():
+                    handles.append(view.module.register_forward_hook(press_hook(press, view), with_kwargs=True))
             yield anatomy
         ok = True
     finally:
         for handle in handles:
             handle.remove()
+        if routed is not None:
+            routed.close()
         if ok:
             _keep_masks_while_alive(masks, watch.caches)
         else:

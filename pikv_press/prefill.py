@@ -24,7 +24,7 @@ from transformers import Cache
 
 from pikv_press import compat
 from pikv_press.cache import layer_access, make_cache
-from pikv_press.moe import get_anatomy, language_model_of
+from pikv_press.moe import ContextRouting, RoutingRecorder, get_anatomy, language_model_of
 
 # Presses whose hooks only need what a prefill records (their own `compress`/`score` on top of BasePress's hook).
 _NOT_REPLAYABLE = (DecodingPress, PrefillDecodingPress)
@@ -59,6 +59,8 @@ class PrefillSnapshot:
     model: nn.Module
     layers: dict[int, _LayerRecord] = field(default_factory=dict)
     num_layers: int = 0
+    routing: dict[int, ContextRouting] = field(default_factory=dict)
+    """Routing of the context tokens of every MoE layer (empty for dense models), for presses that read it."""
 
     def full_cache(self, cache_factory: Callable[[], Cache] | None = None) -> Cache:
         """A fresh copy of the uncompressed cache, in a new cache from ``cache_factory`` (default a DynamicCache);
@@ -103,8 +105,14 @@ class PrefillSnapshot:
                         kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
                         press.forward_hook(module, (), kwargs, (None, self.layers[idx].attentions))
                 else:
+                    routed = compat.needs_routing(press)
+                    if routed and not self.routing:
+                        raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
+                                         "holds none: record the prefill with PrefillRecorder on an MoE model.")
                     for idx, view in compat.make_views(anatomy).items():
                         kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+                        if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
+                            kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
                         compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
         except BaseException:
             masks.release()
@@ -121,26 +129,42 @@ class PrefillRecorder:
     >>> cache = recorder.snapshot.replay(SnapKVPress(0.5))
 
     Memory: the attention input of every layer ``(batch, seq, hidden)`` and the full cache, plus the attention
-    weights ``(batch, heads, seq, seq)`` of every layer when the model computes them (eager attention).
+    weights ``(batch, heads, seq, seq)`` of every layer when the model computes them (eager attention), plus the
+    routing of every MoE layer (:class:`~pikv_press.moe.RoutingRecorder`: expert ids and weights, ``(seq, top_k)``).
     """
 
     def __init__(self, model: nn.Module):
-        get_anatomy(model)  # a clear error for unsupported models
+        anatomy = get_anatomy(model)  # a clear error for unsupported models
         self.model = model
         self.snapshot = PrefillSnapshot(model=model)
         self._hooks: list = []
+        self._routing = RoutingRecorder(model) if anatomy.has_router else None
 
     def __enter__(self) -> PrefillRecorder:
         layers = language_model_of(self.model).layers
         self.snapshot.num_layers = len(layers)
-        for layer in layers:
-            self._hooks.append(layer.self_attn.register_forward_hook(self._record, with_kwargs=True))
+        try:
+            for layer in layers:
+                self._hooks.append(layer.self_attn.register_forward_hook(self._record, with_kwargs=True))
+            if self._routing is not None:
+                self._routing.__enter__()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._routing is not None:
+            self._routing.__exit__()
+            for idx in self._routing.anatomy.moe_layers:
+                try:
+                    self.snapshot.routing[idx] = self._routing.routing(idx)
+                except ValueError:  # nothing recorded (no forward pass, or it raised)
+                    continue
+            self._routing.reset()
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kwargs.get("past_key_values")

@@ -1,1 +1,21 @@
-"""presses layer of pikv-press (see DESIGN.md); populated by later issues."""
+"""pikv-press's presses: kvpress dataclasses, MoE-aware by construction, composable with kvpress presses.
+
+- :class:`ExpertBalancedPress`: the kept budget split across the experts the context tokens are routed to.
+- :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
+- :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
+- :class:`RoutingScorerPress`, :class:`RoutingFeaturePress`: their bases (routing from the MoE blocks, or
+  predicted from the attention input).
+"""
+
+from pikv_press.presses.base import RoutingFeaturePress, RoutingScorerPress
+from pikv_press.presses.expert_balanced import ExpertBalancedPress
+from pikv_press.presses.router_affinity import RouterAffinityPress
+from pikv_press.presses.routing_novelty import RoutingNoveltyPress
+
+__all__ = [
+    "ExpertBalancedPress",
+    "RouterAffinityPress",
+    "RoutingFeaturePress",
+    "RoutingNoveltyPress",
+    "RoutingScorerPress",
+]

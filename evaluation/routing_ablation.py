@@ -1,0 +1,138 @@
+"""Ablation of the routing presses on the embedded MoE: RULER, teacher-forced, paired intervals, resumable by chunk.
+
+    python -m evaluation.routing_ablation [--length 1024] [--chunks 10] [--chunk_size 1] [--ratios 0.5,0.75]
+                                          [--presses no_press,tova,...] [--threads 1]
+
+The samples of every RULER task at ``--length`` are cut into chunks (chunk ``k`` holds samples ``k * chunk_size`` to
+``(k + 1) * chunk_size - 1`` of each task, written as a local dataset file), and each chunk is one
+:mod:`evaluation.evaluate` sweep (teacher-forced scoring, one prefill per context, every press replayed on it).
+Finished chunks are skipped, so an interrupted ablation resumes where it stopped and a later call with more chunks
+adds samples. The report (``ablation.md`` in ``--output_dir``) pools the finished chunks that hold every press and
+ratio: per press and ratio the score (mean over tasks, 0-100) with its 95% bootstrap interval, and paired differences
+to the full cache and to the base press TOVA at the same ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evaluation import cli, evaluate
+from evaluation.benchmarks import ruler
+from evaluation.models import EMBEDDED, model_tag
+from evaluation.stats import bootstrap_interval, paired_difference, task_mean
+
+BASELINES = ("tova", "streaming_llm", "snapkv", "knorm", "expected_attention")
+ROUTING = ("expert_balanced_tova", "router_affinity_tova", "routing_novelty_tova", "expert_balanced_tova_predicted")
+DEFAULT_PRESSES = ("no_press", *BASELINES, *ROUTING)
+REFERENCE = "tova"
+
+
+def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int) -> Path:
+    """The dataset file of one chunk (written once from the offline RULER cache)."""
+    path = output_dir / "data" / f"ruler{length}_size{chunk_size}_chunk{chunk:03d}.jsonl"
+    if not path.exists():
+        df = ruler.load_samples(str(length), samples_per_task=(chunk + 1) * chunk_size)
+        part = df.groupby("task", sort=False).nth(list(range(chunk * chunk_size, (chunk + 1) * chunk_size)))
+        if part.empty:
+            raise SystemExit(f"RULER {length} has no samples for chunk {chunk}: generate more with "
+                             f"`python -m evaluation.data.ruler --lengths {length} --samples N`.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.to_json(path, orient="records", lines=True)
+    return path
+
+
+def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threads: int | None) -> int:
+    argv = ["--dataset", "ruler", "--data_dir", str(path), "--press_name", ",".join(presses),
+            "--compression_ratio", ratios, "--scoring", "teacher_forced", "--max_new_tokens", "32",
+            "--output_dir", str(runs_dir)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    return evaluate.main(argv)
+
+
+def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float) -> Path:
+    ratio = 0.0 if press == "no_press" else ratio
+    return runs_dir / f"ruler__{path.stem}__{model_tag(EMBEDDED)}__{press}__{ratio:.2f}__teacher_forced"
+
+
+def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float]) -> str:
+    """The pooled table of the chunks in ``files`` that hold every run."""
+    runs_dir = output_dir / "runs"
+    wanted = [(p, r) for p in presses for r in ([0.0] if p == "no_press" else ratios)]
+    complete = [f for f in files if all((_run_dir(runs_dir, f, p, r) / "metrics.json").exists() for p, r in wanted)]
+    if not complete:
+        return "no finished chunk yet"
+    scores = {}
+    for press, ratio in wanted:
+        parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio) / "predictions.csv") for f in complete]
+        scores[(press, ratio)] = pd.concat(parts, ignore_index=True)
+    full = scores[("no_press", 0.0)]
+    tasks = full["task"].astype(str).to_numpy()
+    n_tasks = len(set(tasks))
+    lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(EMBEDDED)}`, teacher-forced (greedy writes "
+             f"the gold answer exactly), {len(full)} samples ({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per "
+             "task), 95% bootstrap intervals (paired where a difference is shown).", "",
+             "| press | ratio | score [95% CI] | vs full cache [paired] | vs TOVA same ratio [paired] | gold NLL |",
+             "|---|---|---|---|---|---|"]
+    for press, ratio in wanted:
+        out = scores[(press, ratio)]
+        if out["question"].tolist() != full["question"].tolist():
+            raise ValueError(f"{press}@{ratio}: samples differ from the full cache's")
+        s = out["score"].to_numpy(float)
+        low, high = bootstrap_interval(s, tasks)
+        cells = [press, f"{ratio:g}", f"{task_mean(s, tasks):.1f} [{low:.1f}, {high:.1f}]"]
+        for ref in (("no_press", 0.0), (REFERENCE, ratio)):
+            if press == ref[0] or ref not in scores:
+                cells.append("")
+                continue
+            d, d_low, d_high = paired_difference(s, scores[ref]["score"].to_numpy(float), tasks)
+            cells.append(f"{d:+.1f} [{d_low:+.1f}, {d_high:+.1f}]")
+        cells.append(f"{np.mean(out['nll'].astype(float)):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    per_task = {p: {t: round(float(g['score'].mean()), 1) for t, g in scores[(p, r)].groupby("task")}
+                for p, r in wanted if r in (0.0, max(ratios))}
+    lines += ["", f"Per task at ratio {max(ratios):g} (and full cache): `{json.dumps(per_task)}`"]
+    return "\n".join(lines)
+
+
+def _length(path: Path) -> str:
+    return path.stem.split("_")[0].removeprefix("ruler")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--chunks", type=int, default=10, help="chunks to run (finished ones are skipped)")
+    parser.add_argument("--chunk_size", type=int, default=1, help="samples per task in one chunk")
+    parser.add_argument("--ratios", default="0.5,0.75")
+    parser.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output_dir", default="results/routing_ablation")
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    cli.setup(args.threads)
+    output_dir = Path(args.output_dir)
+    presses = cli.comma_list(args.presses)
+    ratios = cli.comma_list(args.ratios, float)
+    files = []
+    for chunk in range(args.chunks):
+        path = chunk_file(output_dir, args.length, chunk, args.chunk_size)
+        files.append(path)
+        if not args.report_only:
+            status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads)
+            if status:
+                return status
+            (output_dir / "ablation.md").write_text(report(output_dir, files, presses, ratios) + "\n")
+    text = report(output_dir, files, presses, ratios)
+    (output_dir / "ablation.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
