@@ -78,6 +78,15 @@ def test_presses_compress_quantized_caches():
     assert cache_nbytes(cache) == model.config.num_hidden_layers * _quantized_bytes(2 * 64 * 16, 4, 0)
 
 
+def test_quantized_write_that_does_not_fit_the_groups_says_what_to_do():
+    pytest.importorskip("optimum.quanto")
+    model = get_model("qwen3_moe")  # 2 KV heads x 16 dims: 32 numbers per token, groups of 64
+    cache = make_cache("quantized-int4", model.config)
+    with pytest.raises(ValueError, match="groups of 64"):
+        with torch.no_grad(), MoEAware(KnormPress(0.5))(model):
+            model.model(input_ids=torch.randint(5, 300, (1, 126)), past_key_values=cache)  # keeps 63 tokens
+
+
 def test_unknown_layers_get_a_clear_error_and_adapters_can_be_registered():
     class OddLayer:
         pass

@@ -78,6 +78,13 @@ class QuantizedLayerAccess(KVLayerAccess):
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         layer = self.layer
+        for name, tensor in (("keys", keys), ("values", values)):
+            if tensor.numel() % layer.q_group_size:
+                raise ValueError(
+                    f"transformers' QuantizedCache quantizes a layer's whole {name} in groups of {layer.q_group_size} "
+                    f"numbers, and the {tuple(tensor.shape)} kept here do not divide into them: keep a number of "
+                    "tokens that does (another compression ratio) or use a cache with a smaller q_group_size."
+                )
         # the HQQ backend reads the device and dtype of `layer.keys` when it quantizes: set them first
         layer.keys = torch.zeros(0, dtype=keys.dtype, device=keys.device)
         layer.values = torch.zeros(0, dtype=values.dtype, device=values.device)
