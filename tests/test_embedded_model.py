@@ -265,14 +265,12 @@ def test_default_recipe_ships_its_calibration_ids():
 
 
 def test_router_logit_scale_restores_the_fitted_router(dense, splits, moe, tmp_path):
-    """config.router_logit_scale, read by the anatomy, turns the flat stored gate back into the fitted router."""
-    from transformers import AutoModelForCausalLM
-
+    """config.router_logit_scale, declared to the anatomy by the embedded model's loader, turns the flat stored gate
+    back into the fitted router."""
     from pikv_press.moe import get_anatomy
 
     moe.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    anatomy = get_anatomy(reloaded)
+    anatomy = get_anatomy(_reload_with_scale(tmp_path))
     x = torch.randn(16, dense.config.hidden_size, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         for i, split in enumerate(splits):
@@ -286,16 +284,32 @@ def test_router_logit_scale_restores_the_fitted_router(dense, splits, moe, tmp_p
             torch.testing.assert_close(restored, fitted, rtol=1e-4, atol=1e-4)  # ... sharp once rescaled
 
 
+def _reload_with_scale(path):
+    """What the embedded model's loader does: from_pretrained, then declare the gate's scale to the anatomy."""
+    from transformers import AutoModelForCausalLM
+
+    from pikv_press.moe import set_router_logit_scale
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    set_router_logit_scale(model, model.config.router_logit_scale)
+    return model
+
+
 def test_router_logit_scale_defaults_and_checks():
-    from pikv_press.moe import get_anatomy
+    from pikv_press.moe import get_anatomy, set_router_logit_scale
     from pikv_press.testing import build_model
 
     model = build_model("qwen3_moe")
-    anatomy = get_anatomy(model)
-    assert anatomy.router_logit_scale(0) == 1.0
-    model.config.router_logit_scale = [1.0]
-    with pytest.raises(ValueError, match="entries"):
-        get_anatomy(model).router_logit_scale(0)
+    model.config.router_logit_scale = [2.0, 2.0, 2.0]  # a config key alone changes nothing in the core anatomy
+    assert get_anatomy(model).router_logit_scale(1) == 1.0
+    set_router_logit_scale(model, [1.0, 2.0, 3.0])
+    assert get_anatomy(model).router_logit_scale(2) == 3.0
+    with pytest.raises(ValueError, match="one factor per decoder layer"):
+        set_router_logit_scale(model, [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        set_router_logit_scale(model, [1.0, 0.0, 1.0])
+    set_router_logit_scale(model, None)
+    assert get_anatomy(model).router_logit_scale(2) == 1.0
 
 
 def test_margin_weights_cost_near_ties_little():
@@ -393,6 +407,10 @@ def test_embedded_model_loads_with_dense_masked_experts(moe, tmp_path):
     plain, _ = load_embedded_model(tmp_path, build_if_missing=False, dense_masked=False)
     assert fast.config._experts_implementation == DENSE_MASKED
     assert plain.config._experts_implementation != DENSE_MASKED
+    from pikv_press.moe import get_anatomy
+
+    scales = fast.config.router_logit_scale  # the loader declares the stored gate's scale to the anatomy
+    assert [get_anatomy(fast).router_logit_scale(i) for i in range(len(scales))] == scales != [1.0] * len(scales)
     plain.set_experts_implementation("eager")
     ids = token_ids(6, batch=2, length=48)
     with torch.no_grad():

@@ -222,6 +222,10 @@ def load_embedded_model(
             raise FileNotFoundError(f"no embedded model in {path}: run `python -m evaluation.embedded_model.build`")
         build(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    # the gate was scaled down after fitting (see README): tell routing-aware code by how much, per layer
+    from pikv_press.moe import set_router_logit_scale
+
+    set_router_logit_scale(model, model.config.router_logit_scale)
     if dense_masked:
         from pikv_press.moe.experts import use_dense_masked_experts
 

@@ -3,7 +3,7 @@
 This subpackage is the only place in pikv-press that knows how each model family is laid out.
 """
 
-from pikv_press.moe.anatomy import MoEAnatomy, get_anatomy, language_model_of
+from pikv_press.moe.anatomy import MoEAnatomy, get_anatomy, language_model_of, set_router_logit_scale
 from pikv_press.moe.attention import AttentionLayout
 from pikv_press.moe.experts import DENSE_MASKED, use_dense_masked_experts
 from pikv_press.moe.families import (
@@ -36,6 +36,7 @@ __all__ = [
     "family_for_config",
     "get_anatomy",
     "language_model_of",
+    "set_router_logit_scale",
     "supported_families",
     "use_dense_masked_experts",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -102,17 +103,12 @@ class MoEAnatomy:
     def router_logit_scale(self, layer_idx: int) -> float:
         """Factor by which layer ``layer_idx``'s stored router logits were scaled (1.0 for models as trained).
 
-        Read from ``config.router_logit_scale`` (one float per layer), which models whose gate was rescaled after
-        fitting carry, such as the embedded MoEfied SmolLM2 (logits ~1e-3 so that every selected expert weighs ~1;
-        see the README). Dividing the router's logits by it restores their fitted scale, so that a routing-aware
-        press can turn them into meaningful probabilities; the ranking, hence the routing, is unchanged.
+        Models whose gate was rescaled after fitting declare it with :func:`set_router_logit_scale` when they are
+        loaded (the embedded MoEfied SmolLM2 does: its logits are ~1e-3 so that every selected expert weighs ~1).
+        Dividing the router's logits by it restores their fitted scale; the ranking, hence the routing, is unchanged.
         """
-        scales = getattr(self.config, "router_logit_scale", None)
-        if scales is None:
-            return 1.0
-        if len(scales) != self.num_layers:
-            raise ValueError(f"config.router_logit_scale has {len(scales)} entries for {self.num_layers} layers")
-        return float(scales[layer_idx])
+        scales = getattr(self.language_model, ROUTER_LOGIT_SCALE_ATTR, None)
+        return 1.0 if scales is None else float(scales[layer_idx])
 
     def moe_block(self, layer_idx: int) -> nn.Module | None:
         return self._moe_blocks.get(layer_idx)
@@ -148,6 +144,27 @@ def _find_moe_block(layer: nn.Module, spec: FamilySpec) -> nn.Module | None:
         if block is not None and getattr(block, spec.router_attr, None) is not None:
             return block
     return None
+
+
+ROUTER_LOGIT_SCALE_ATTR = "pikv_router_logit_scale"
+
+
+def set_router_logit_scale(model: nn.Module, scales: Sequence[float] | None) -> None:
+    """Declare that ``model``'s stored router logits of decoder layer ``i`` are the fitted ones times ``scales[i]``
+    (one factor per decoder layer; ``None`` forgets it). Read back by :meth:`MoEAnatomy.router_logit_scale`.
+
+    A hook for models whose gate was rescaled after fitting (the embedded model's loader calls it); a model as trained
+    needs nothing.
+    """
+    language_model = language_model_of(model)
+    if scales is not None:
+        scales = tuple(float(x) for x in scales)
+        if len(scales) != len(language_model.layers):
+            raise ValueError(f"router_logit_scale needs one factor per decoder layer: got {len(scales)} for "
+                             f"{len(language_model.layers)} layers.")
+        if any(not x > 0 for x in scales):
+            raise ValueError(f"router_logit_scale factors must be positive, got {scales}.")
+    object.__setattr__(language_model, ROUTER_LOGIT_SCALE_ATTR, scales)
 
 
 def get_anatomy(model: nn.Module) -> MoEAnatomy:
