@@ -63,8 +63,9 @@ from evaluation.registry import (
     takes_compression_ratio,
 )
 from evaluation.stats import bootstrap_interval, paired_difference, task_mean
-from pikv_press import cache_lengths
+from pikv_press import cache_lengths, make_cache
 from pikv_press.answer import answer_questions, teacher_forced_score
+from pikv_press.cache import CACHES
 from pikv_press.prefill import PrefillRecorder, can_replay
 
 logger = logging.getLogger("evaluation.evaluate")
@@ -98,6 +99,7 @@ class RunConfig:
     compression_interval: int | None = None
     hidden_states_buffer_size: int | None = None
     scoring: str = "generate"
+    cache: str = "dynamic"
 
     def make_press(self):
         """A fresh press for this run (see :func:`evaluation.registry.press_for_run`)."""
@@ -132,9 +134,15 @@ class RunConfig:
             value = getattr(self, option)
             if value is not None and is_decoding_press(self.press_name):
                 parts.append(f"{option}{value}")
+        if self.cache != "dynamic":
+            parts.append(f"cache-{self.cache}")
         if self.scoring != "generate":
             parts.append(self.scoring)
         return output_dir / "__".join(parts)
+
+    def new_cache(self, model):
+        """An empty cache of this run's kind (``--cache``, :func:`pikv_press.make_cache`)."""
+        return make_cache(self.cache, model.config)
 
     def reference(self) -> RunConfig:
         """The full-cache run this run is compared with (same data and scoring, ``no_press``)."""
@@ -203,12 +211,13 @@ def _pipeline_rows(config: RunConfig, pipe, press, context: str, group: pd.DataF
         for question in group["question"]:
             start = time.perf_counter()
             answer = pipe(context, question=question, answer_prefix=first["answer_prefix"], press=press,
-                          max_new_tokens=max_new, max_context_length=max_context)["answer"]
+                          max_new_tokens=max_new, max_context_length=max_context,
+                          cache=config.new_cache(pipe.model))["answer"]
             rows.append({"predicted_answer": answer, "answer_seconds": time.perf_counter() - start})
         return rows
     inputs = pipe.preprocess(context, group["question"].tolist(), first["answer_prefix"], max_context)
     context_ids = inputs["context_ids"].to(pipe.model.device)
-    cache = DynamicCache()
+    cache = config.new_cache(pipe.model)
     with torch.no_grad(), press(pipe.model) if press is not None else contextlib.nullcontext():
         pipe.model.model(input_ids=context_ids, past_key_values=cache)
     return _score_questions(config, pipe, cache, inputs["questions_ids"], group, context_ids.shape[1], max_new)
@@ -244,7 +253,7 @@ def run_sweep(configs: list[RunConfig], pipe, output_dir: Path, naive: bool = Fa
                                 pipe.model.model(input_ids=context_ids, past_key_values=DynamicCache())
                             prefill_seconds = time.perf_counter() - start
                         start = time.perf_counter()
-                        cache = recorder.snapshot.replay(press)
+                        cache = recorder.snapshot.replay(press, cache_factory=lambda c=config: c.new_cache(pipe.model))
                         press_seconds = time.perf_counter() - start
                         tokens = sum(cache_lengths(cache)) / len(cache.layers)
                         results = _score_questions(config, pipe, cache, inputs["questions_ids"], group,
@@ -429,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scoring", default="generate", choices=tuple(SCORINGS),
                         help="generate: greedy answers scored by the benchmark; teacher_forced: one forward pass "
                              "over the gold answer (exact greedy verdict and NLL; prefill presses only)")
+    parser.add_argument("--cache", default="dynamic", choices=tuple(CACHES),
+                        help="the KV cache the press compresses and answers read (pikv_press.make_cache)")
     parser.add_argument("--key_channel_compression_ratio", type=float, default=None,
                         help="ThinK (think, snap_think): share of key channels pruned")
     parser.add_argument("--target_size", type=int, default=None, help="decoding presses: tokens kept")
@@ -488,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                   max_new_tokens=args.max_new_tokens, max_context_length=args.max_context_length,
                   query_aware=args.query_aware, needle_depth=args.needle_depth, data_source=args.data_source,
                   seed=args.seed, tasks=args.tasks, samples_per_task=args.samples_per_task, scoring=args.scoring,
-                  **options)
+                  cache=args.cache, **options)
     configs = []
     for name in presses:
         for ratio in ratios if takes_compression_ratio(name) else [0.0]:

@@ -1,6 +1,6 @@
 """Does teacher-forced scoring agree with generation? Both ways on the same compressed caches, resumable per sample.
 
-    python -m evaluation.teacher_forcing_check                       # RULER-4k, 5 tasks x 20 samples, 4 press settings
+    python -m evaluation.teacher_forcing_check                       # RULER-4k, 5 tasks x 20 samples, 3 press settings
     python -m evaluation.teacher_forcing_check --report              # agreement and cost from what is done
 
 Each RULER context is prefilled once (:class:`pikv_press.prefill.PrefillRecorder`); for every press setting the
@@ -42,9 +42,9 @@ from pikv_press.answer import (
     TEACHER_FORCING_VERSION,
     greedy_reproduces,
     greedy_tokens,
-    layer_lengths,
+    restore_cache,
+    save_cache,
     teacher_forced_score,
-    trim_cache,
     value_tokenizations,
 )
 from pikv_press.prefill import PrefillRecorder
@@ -52,7 +52,7 @@ from pikv_press.prefill import PrefillRecorder
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,qa_1"
-DEFAULT_PRESSES = "no_press,knorm,snapkv,streaming_llm"
+DEFAULT_PRESSES = "no_press,snapkv,streaming_llm"
 DEFAULT_OUT = Path("results/teacher_forcing")
 
 
@@ -106,12 +106,12 @@ def run(frame: pd.DataFrame, presses: Sequence[str], ratio: float, out_file: Pat
             start = time.perf_counter()
             cache = recorder.snapshot.replay(press_for_run(name, ratio))
             replay_s = time.perf_counter() - start
-            lengths = layer_lengths(cache)
+            saved = save_cache(cache)
             start = time.perf_counter()
             tokens = greedy_tokens(model, cache, question_ids, context_ids.shape[1], budget)
             generated = str(tokenizer.decode(tokens, skip_special_tokens=True))
             generate_s = time.perf_counter() - start
-            trim_cache(cache, lengths)
+            restore_cache(cache, saved)
             start = time.perf_counter()
             tf = teacher_forced_score(model, tokenizer, cache, question_ids, context_ids.shape[1], references,
                                       match=match, max_new_tokens=budget)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Cache, QuantizedCache
+from transformers import Cache
+from transformers.cache_utils import StaticLayer
 
 MATCH_MODES = ("all", "any")
 # Version of the teacher-forced verdict's rules (lead-in, false starts); results files record it.
@@ -42,17 +43,25 @@ def layer_lengths(cache: Cache) -> list[int]:
     return [cache.get_seq_length(idx) for idx in range(len(cache.layers))]
 
 
-def trim_cache(cache: Cache, lengths: Sequence[int]) -> None:
-    """Cut every layer of ``cache`` back to ``lengths`` (what was appended after the context goes), in place.
+def save_cache(cache: Cache) -> list[dict]:
+    """What every layer of ``cache`` holds now, to :func:`restore_cache` after answering from it.
 
-    The same operation as kvpress's ``KVPressTextGenerationPipeline._remove_answer_from_cache``.
+    Layers of dynamic and quantized caches replace their tensors when they grow (concatenation, re-quantization)
+    instead of writing into them, so keeping the layers' attributes keeps their contents, whatever the layout.
     """
-    for layer, length in zip(cache.layers, lengths, strict=True):
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
-        if isinstance(cache, QuantizedCache):
-            layer._quantized_keys = layer._quantized_keys[:, :, :length]
-            layer._quantized_values = layer._quantized_values[:, :, :length]
+    for layer in cache.layers:
+        if isinstance(layer, StaticLayer):
+            raise ValueError("answering from a cache needs layers that grow by concatenation (DynamicCache, "
+                             "QuantizedCache or pikv-press's caches); a StaticCache writes in place.")
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def restore_cache(cache: Cache, saved: list[dict]) -> None:
+    """Put ``cache`` back to the state :func:`save_cache` recorded (what was appended since goes), in place."""
+    del cache.layers[len(saved):]
+    for layer, state in zip(cache.layers, saved, strict=True):
+        layer.__dict__.clear()
+        layer.__dict__.update(state)
 
 
 def _eos_ids(model: nn.Module) -> set[int]:
@@ -100,11 +109,11 @@ def greedy_answer(
 ) -> str:
     """The greedy answer text (special tokens dropped) to ``question_ids`` from ``cache``; the cache is trimmed back to
     the compressed context afterwards, so several questions can be answered from it in turn."""
-    lengths = layer_lengths(cache)
+    saved = save_cache(cache)
     try:
         tokens = greedy_tokens(model, cache, question_ids, context_length, max_new_tokens)
     finally:
-        trim_cache(cache, lengths)
+        restore_cache(cache, saved)
     return str(tokenizer.decode(tokens, skip_special_tokens=True))
 
 
@@ -184,24 +193,19 @@ def _score_value(model, cache: Cache, logits: torch.Tensor, position: int, candi
         token = int(logits.argmax())
         if token in starts:
             chosen = starts[token]
-            before = layer_lengths(cache)
+            before = save_cache(cache)
             forced = _forward(model, torch.tensor(chosen), cache, position)
             predictions = torch.cat([logits[None], forced[:-1]])  # the logits that predict each gold token
             if bool((predictions.argmax(-1) == torch.tensor(chosen)).all()):
                 nll = float(torch.nn.functional.cross_entropy(predictions, torch.tensor(chosen), reduction="sum"))
                 result = _ValueResult(True, nll, len(chosen), lead, len(lead) + len(chosen), forced[-1])
                 return result, position + len(chosen)
-            trim_cache(cache, [length + 1 for length in before])  # greedy wrote the first token only
-            next_logits = forced[0]
-        elif token not in stop and len(lead) < max_lead_in:
-            next_logits = _forward(model, torch.tensor([token]), cache, position, logits_to_keep=1)[-1]
+            restore_cache(cache, before)  # a false start: greedy decoding writes this token, then goes its own way
         if token in stop or len(lead) >= max_lead_in:
-            if token in starts:  # the false start's token is not part of the answer scored below
-                trim_cache(cache, before)
             break
+        logits = _forward(model, torch.tensor([token]), cache, position, logits_to_keep=1)[-1]
         lead.append(token)
         position += 1
-        logits = next_logits
     # greedy decoding does not write the value: a miss; force the likeliest spelling for the NLL and what follows
     chosen = max(candidates, key=lambda c: float(logits[c[0]]))
     forced = _forward(model, torch.tensor(chosen), cache, position)
@@ -239,12 +243,12 @@ def teacher_forced_score(
     question_ids = question_ids.reshape(-1)
     stop = _eos_ids(model)
     budget = max_new_tokens if max_new_tokens is not None else float("inf")
-    lengths = layer_lengths(cache)
+    saved = save_cache(cache)
     try:
         with torch.no_grad():
             first = _forward(model, question_ids, cache, context_length, logits_to_keep=1)[-1]
             start = context_length + question_ids.shape[0]
-            after_question = layer_lengths(cache)
+            after_question = save_cache(cache)
             if match == "all":
                 results, logits, position, written = [], first, start, 0
                 for value in references:
@@ -266,14 +270,14 @@ def teacher_forced_score(
                                              max_lead_in)
                     result.hit = result.hit and result.generated <= budget
                     results.append(result)
-                    trim_cache(cache, after_question)
+                    restore_cache(cache, after_question)
                 hits = [r.hit for r in results]
                 exact = any(hits)
                 share = float(exact)
                 best = min(results, key=lambda r: r.nll_sum / r.tokens)
                 nll, tokens = best.nll_sum / best.tokens, sum(r.tokens for r in results)
     finally:
-        trim_cache(cache, lengths)
+        restore_cache(cache, saved)
     lead_in = [str(tokenizer.decode(r.lead_in, skip_special_tokens=True)) for r in results]
     return TeacherForcedScore(values=hits, exact=exact, share=share, nll=nll, tokens=tokens, lead_in=lead_in)
 

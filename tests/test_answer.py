@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import DynamicCache, pipeline
+from transformers import DynamicCache, QuantizedCache, pipeline
 
 from evaluation.registry import make_press
 from pikv_press.answer import (
@@ -14,8 +14,9 @@ from pikv_press.answer import (
     greedy_reproduces,
     greedy_tokens,
     layer_lengths,
+    restore_cache,
+    save_cache,
     teacher_forced_score,
-    trim_cache,
     value_tokenizations,
 )
 from pikv_press.prefill import PrefillRecorder
@@ -71,9 +72,9 @@ def test_teacher_forced_verdict_is_greedy_generation(setup):
     for name, question_ids in itertools.product(("no_press", "snapkv"), inputs["questions_ids"]):
         cache = snapshot.replay(make_press(name, 0.5))
         before = layer_lengths(cache)
-        lengths = layer_lengths(cache)
+        saved = save_cache(cache)
         tokens = greedy_tokens(model, cache, question_ids, context_length, max_new_tokens=12)
-        trim_cache(cache, lengths)
+        restore_cache(cache, saved)
         for gold in _golds(tokenizer, tokens):
             for budget in (12, 5):
                 score = teacher_forced_score(model, tokenizer, cache, question_ids, context_length, gold,
@@ -100,9 +101,9 @@ def test_lead_in_is_the_greedy_text_before_the_value(setup):
     context_length = inputs["context_ids"].shape[1]
     cache = snapshot.replay(None)
     question = inputs["questions_ids"][0]
-    lengths = layer_lengths(cache)
+    saved = save_cache(cache)
     tokens = greedy_tokens(model, cache, question, context_length, max_new_tokens=8)
-    trim_cache(cache, lengths)
+    restore_cache(cache, saved)
     for cut in range(1, 4):
         gold = tokenizer.decode(tokens[cut:cut + 3])
         if value_tokenizations(tokenizer, gold)[0] != tokens[cut:cut + 3]:
@@ -123,3 +124,22 @@ def test_bad_arguments(setup):
         teacher_forced_score(model, tokenizer, cache, inputs["questions_ids"][0], 10, [])
     with pytest.raises(ValueError, match="no tokens"):
         value_tokenizations(tokenizer, "")
+
+
+def test_answering_leaves_a_quantized_cache_as_it_was(setup):
+    """Answers are taken off by restoring each layer's state: exact for quantized caches too (kvpress's slicing of the
+    quantized part is not)."""
+    from pikv_press.cache import layer_access
+
+    model, tokenizer, _, inputs, snapshot = setup
+    # groups of 16 values (the factory's 64 need kv_heads x tokens x head_dim to be a multiple of 64)
+    quantized = lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=16)  # noqa: E731
+    cache = snapshot.replay(make_press("knorm", 0.5), cache_factory=quantized)
+    before = [tuple(t.clone() for t in layer_access(layer).read()) for layer in cache.layers]
+    context_length = inputs["context_ids"].shape[1]
+    first = answer_questions(model, tokenizer, cache, inputs["questions_ids"], context_length, 6)
+    teacher_forced_score(model, tokenizer, cache, inputs["questions_ids"][0], context_length, [first[0]])
+    after = [layer_access(layer).read() for layer in cache.layers]
+    for (keys, values), (keys_after, values_after) in zip(before, after, strict=True):
+        assert torch.equal(keys, keys_after) and torch.equal(values, values_after)
+    assert answer_questions(model, tokenizer, cache, inputs["questions_ids"], context_length, 6) == first

@@ -232,3 +232,16 @@ def test_teacher_forcing_check_resumes_and_reports(tiny_model_dir, tiny_dataset,
     assert report["agreement_with_greedy_tokens_pct"] == 100.0
     assert report["cost"]["answer_cost_ratio_generate_over_tf"] > 0
     assert "Teacher-forced scoring vs generation" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cache_option(tiny_model_dir, tiny_dataset, tmp_path):
+    """--cache: the press compresses, and answers read, a cache of that kind (run folders say which; the quantized
+    caches themselves are tested in tests/test_answer.py: tiny contexts do not fit quanto's groups)."""
+    assert evaluate.main(["--model", str(tiny_model_dir), "--data_dir", str(tiny_dataset), "--press_name", "knorm",
+                          "--compression_ratio", "0.5", "--cache", "dynamic", "--output_dir", str(tmp_path),
+                          "--threads", "1"]) == 0
+    assert [p.name.endswith("__knorm__0.50") for p in tmp_path.iterdir() if p.is_dir()] == [True]
+    config = evaluate.RunConfig(model="m", press_name="knorm", compression_ratio=0.5, cache="quantized-int4")
+    assert config.results_dir(tmp_path).name == "ruler__4096__m__knorm__0.50__cache-quantized-int4"
+    with pytest.raises(SystemExit):
+        evaluate.main(["--cache", "int3", "--output_dir", str(tmp_path)])
