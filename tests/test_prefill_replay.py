@@ -20,6 +20,7 @@ from transformers import DynamicCache, pipeline
 
 from pikv_press import MoEAware, get_anatomy
 from pikv_press.prefill import PrefillRecorder, can_replay
+from pikv_press.presses import ExpertBalancedPress, RouterAffinityPress, RoutingNoveltyPress
 from pikv_press.testing import VOCAB, build_tokenizer
 from tests.conftest import get_model
 
@@ -37,6 +38,20 @@ BARE_PRESSES = {
 PRESSES = {name: (lambda factory=factory: MoEAware(factory())) for name, factory in BARE_PRESSES.items()}
 FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "llama"]
 
+# pikv-press's routing presses (MoE-aware already; actual routing unless said otherwise), alone and composed
+ROUTING_PRESSES = {
+    "expert_balanced_tova": lambda: ExpertBalancedPress(0.5, press=TOVAPress()),
+    "expert_balanced_top2_snapkv": lambda: ExpertBalancedPress(0.5, press=SnapKVPress(window_size=4), power=1.0,
+                                                               experts_per_token=2),
+    "expert_balanced_predicted": lambda: ExpertBalancedPress(0.5, press=KnormPress(), routing="predicted"),
+    "router_affinity": lambda: RouterAffinityPress(0.6, window_size=8),
+    "router_affinity_knorm": lambda: RouterAffinityPress(0.5, press=KnormPress(), weight=1.0),
+    "routing_novelty_tova": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
+    "composed": lambda: MoEAware(ComposedPress([RoutingNoveltyPress(0.25), StreamingLLMPress(0.25, n_sink=2)])),
+    "adakv": lambda: MoEAware(AdaKVPress(RouterAffinityPress(0.5, press=KnormPress()))),
+}
+ROUTING_FAMILIES = ["qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3", "glm4_moe"]
+
 
 def _ids(n: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randint(5, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
@@ -51,6 +66,27 @@ def _clear_masks(model):
         layer.self_attn.masked_key_indices = None
 
 
+def _assert_replay_equals_plain_path(model, make_press) -> tuple[DynamicCache, PrefillRecorder]:
+    """The same caches (and AdaKV masks) from ``with press(model)`` and from a replay of a recorded prefill."""
+    ids = _ids()
+    plain = DynamicCache()
+    with torch.no_grad(), make_press()(model):
+        model.model(input_ids=ids, past_key_values=plain)
+    plain_masks = _masks(model)
+    _clear_masks(model)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    replayed = recorder.snapshot.replay(make_press())
+    for a, b in zip(plain.layers, replayed.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    for a, b in zip(plain_masks, _masks(model), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    _clear_masks(model)
+    return plain, recorder
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("press_name", sorted(PRESSES))
 def test_replay_equals_plain_path(family, press_name):
@@ -60,22 +96,35 @@ def test_replay_equals_plain_path(family, press_name):
     model = get_model(family, attn)
     if family == "gpt_oss" and press_name == "adakv":
         pytest.skip("AdaKV cannot run on GPT-OSS (eager only): covered by test_kvpress_compat")
-    ids = _ids()
-    plain = DynamicCache()
-    with torch.no_grad(), PRESSES[press_name]()(model):
-        model.model(input_ids=ids, past_key_values=plain)
-    plain_masks = _masks(model)
-    _clear_masks(model)
+    _assert_replay_equals_plain_path(model, PRESSES[press_name])
+
+
+@pytest.mark.parametrize("family", ROUTING_FAMILIES)
+@pytest.mark.parametrize("press_name", sorted(ROUTING_PRESSES))
+def test_routing_press_replay_equals_plain_path(family, press_name):
+    """Routing presses run after the MoE block live, on the recorded routing in replay: the same caches."""
+    model = get_model(family)
+    if family == "gpt_oss" and press_name == "adakv":
+        pytest.skip("AdaKV cannot run on GPT-OSS (eager only)")
+    plain, recorder = _assert_replay_equals_plain_path(model, ROUTING_PRESSES[press_name])
+    assert sorted(recorder.snapshot.routing) == list(get_anatomy(model).moe_layers)
+    if press_name != "adakv":  # AdaKV masks keys instead of dropping them
+        assert min(layer.keys.shape[2] for layer in plain.layers) < _ids().shape[1]
+
+
+def test_routing_press_answers_from_replay_equal_pipeline_answers():
+    model = get_model("qwen3_moe")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=build_tokenizer())
+    context, question = "The special magic number is 7481. " * 6, "What is the special magic number?"
+    inputs = pipe.preprocess(context, [question], "", 10**6)
     with torch.no_grad(), PrefillRecorder(model) as recorder:
-        model.model(input_ids=ids, past_key_values=DynamicCache())
-    replayed = recorder.snapshot.replay(PRESSES[press_name]())
-    for a, b in zip(plain.layers, replayed.layers, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    for a, b in zip(plain_masks, _masks(model), strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    _clear_masks(model)
+        model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+    for name in ("expert_balanced_tova", "routing_novelty_tova"):
+        expected = pipe(context, question=question, press=ROUTING_PRESSES[name](), max_new_tokens=6)["answer"]
+        with torch.no_grad():
+            answer = pipe.generate_answer(inputs["questions_ids"][0], recorder.snapshot.replay(ROUTING_PRESSES[name]()),
+                                          inputs["context_ids"].shape[1], 6)
+        assert answer == expected, name
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
