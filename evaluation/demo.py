@@ -58,9 +58,10 @@ def _answer_line(row) -> str:
     """A generated answer, or a teacher-forced verdict with the greedy text before each value."""
     if "tf_exact" not in row or str(row.get("tf_exact", "")) == "":
         return " ".join(str(row["predicted_answer"]).split())[:70]
-    lead_in = [" ".join(text.split()) for text in json.loads(row["lead_in"])]
-    verdict = "writes it" if str(row["tf_exact"]) == "True" else "misses it"
-    return f"{verdict} (greedy before the value: {' | '.join(lead_in)!r}), gold NLL {float(row['nll']):.2f}"
+    lead_in = " | ".join(" ".join(text.split()) for text in json.loads(row["lead_in"]))
+    if str(row["tf_exact"]) == "True":
+        return f"writes it (after {lead_in!r}), gold NLL {float(row['nll']):.2f}"
+    return f"misses it (greedy writes {lead_in!r} instead), gold NLL {float(row['nll']):.2f}"
 
 
 def print_answers(output_dir: Path, samples: int, model: str | None = None, scoring: str = "generate") -> None:

@@ -245,3 +245,18 @@ def test_cache_option(tiny_model_dir, tiny_dataset, tmp_path):
     assert config.results_dir(tmp_path).name == "ruler__4096__m__knorm__0.50__cache-quantized-int4"
     with pytest.raises(SystemExit):
         evaluate.main(["--cache", "int3", "--output_dir", str(tmp_path)])
+
+
+def test_demo_prints_teacher_forced_verdicts(tmp_path, capsys):
+    from evaluation.demo import print_answers
+
+    for press, ratio, exact, lead_in in [("tova", "0.50", False, ' 245859.'), ("no_press", "0.00", True, ":")]:
+        run = tmp_path / f"ruler__1024__embedded__{press}__{ratio}__teacher_forced"
+        run.mkdir()
+        pd.DataFrame({"task": ["niah_single_2"], "answer": [["2458591"]], "predicted_answer": [""],
+                      "tf_exact": [exact], "lead_in": [json.dumps([lead_in])], "nll": [0.5]}).to_csv(
+            run / "predictions.csv", index=False)
+    print_answers(tmp_path, samples=1, model="embedded", scoring="teacher_forced")
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[1:] == ["no_press: writes it (after ':'), gold NLL 0.50",
+                         "tova@0.50: misses it (greedy writes '245859.' instead), gold NLL 0.50"]
