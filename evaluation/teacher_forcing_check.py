@@ -38,6 +38,7 @@ from evaluation.benchmarks import ruler
 from evaluation.metrics import sample_string_match
 from evaluation.models import EMBEDDED, load_model, model_tag
 from evaluation.registry import press_for_run
+from evaluation.stats import bootstrap_interval
 from pikv_press.answer import (
     TEACHER_FORCING_VERSION,
     greedy_reproduces,
@@ -147,6 +148,12 @@ def _share(flags: pd.Series) -> float:
     return round(100 * float(flags.mean()), 1) if len(flags) else float("nan")
 
 
+def _interval(flags: pd.Series) -> list[float]:
+    """95% bootstrap interval of the share of ``flags`` (percent)."""
+    low, high = bootstrap_interval(100.0 * flags.to_numpy(float))
+    return [round(low, 1), round(high, 1)]
+
+
 def report(out_file: Path, model_folder: str) -> dict:
     """Agreement and cost of the results of ``model_folder`` in ``out_file``."""
     df = read_results(out_file)
@@ -173,6 +180,7 @@ def report(out_file: Path, model_folder: str) -> dict:
         "presses": sorted(df["press"].unique()),
         "tasks": sorted(df["task"].unique()),
         "agreement_exact_vs_string_match_pct": _share(df["agree"]),
+        "agreement_95ci": _interval(df["agree"]),
         "agreement_share_pct": _share(df["share_agree"]),
         "agreement_with_greedy_tokens_pct": _share(df["token_agree"]),
         "generated_right_pct": _share(df["generated_right"]),
@@ -213,7 +221,8 @@ def markdown(result: dict, command: str) -> str:
         "| measure | value |",
         "|---|---|",
         "| teacher-forced exact == generated answer right (string match) | "
-        f"{result['agreement_exact_vs_string_match_pct']}% |",
+        f"{result['agreement_exact_vs_string_match_pct']}% (95% CI {result['agreement_95ci'][0]}-"
+        f"{result['agreement_95ci'][1]}) |",
         f"| teacher-forced share == string-match share | {result['agreement_share_pct']}% |",
         "| teacher-forced exact == greedy tokens write the gold tokens | "
         f"{result['agreement_with_greedy_tokens_pct']}% |",

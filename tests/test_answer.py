@@ -143,3 +143,31 @@ def test_answering_leaves_a_quantized_cache_as_it_was(setup):
     for (keys, values), (keys_after, values_after) in zip(before, after, strict=True):
         assert torch.equal(keys, keys_after) and torch.equal(values, values_after)
     assert answer_questions(model, tokenizer, cache, inputs["questions_ids"], context_length, 6) == first
+
+
+@pytest.mark.slow
+def test_teacher_forcing_on_the_embedded_model():
+    """On RULER-1k and the embedded MoE: the teacher-forced verdict is what greedy generation writes, press by press."""
+    from evaluation.benchmarks import ruler
+    from evaluation.models import load_model
+    from evaluation.registry import press_for_run
+    from pikv_press.answer import restore_cache, save_cache
+
+    model, tokenizer, _ = load_model("embedded")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    frame = ruler.load_samples("1024", tasks=["niah_single_2", "niah_multikey_1"], samples_per_task=2)
+    stop = {int(model.generation_config.eos_token_id)}
+    for row in frame.itertuples():
+        inputs = pipe.preprocess(row.context, [row.question], row.answer_prefix, 10**9)
+        context_length, question = inputs["context_ids"].shape[1], inputs["questions_ids"][0]
+        with torch.no_grad(), PrefillRecorder(model) as recorder:
+            model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+        for name in ("no_press", "snapkv", "tova"):
+            cache = recorder.snapshot.replay(press_for_run(name, 0.5))
+            saved = save_cache(cache)
+            tokens = greedy_tokens(model, cache, question, context_length, 24)
+            restore_cache(cache, saved)
+            score = teacher_forced_score(model, tokenizer, cache, question, context_length, list(row.answer),
+                                         max_new_tokens=24)
+            candidates = [value_tokenizations(tokenizer, v) for v in row.answer]
+            assert score.values == greedy_reproduces(tokens, candidates, stop), (row.task, name)
