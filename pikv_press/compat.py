@@ -533,10 +533,10 @@ def make_views(anatomy: MoEAnatomy) -> dict[int, AttentionView]:
 
 
 class _CacheWatch:
-    """Forward pre-hook on the language model that notes the caches a press compresses (weakly)."""
+    """Forward pre-hook on the language model that notes the caches a press compresses."""
 
-    def __init__(self):
-        self.caches: list = []
+    def __init__(self, caches: list):
+        self.caches = caches
 
     def __call__(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -545,43 +545,65 @@ class _CacheWatch:
 
 
 @contextmanager
-def attach(press: BasePress, model: nn.Module) -> Iterator[MoEAnatomy | None]:
-    """Run ``press`` MoE-aware on ``model`` inside the block (kvpress's own ``__call__`` for dense models and unknown
-    families). Yields the anatomy, or ``None`` when kvpress's own behaviour is used. Every hook is removed on exit,
-    also when the block raises, except the mask fitting that a ragged cache left behind needs (see the module doc)."""
-    anatomy = moe_anatomy_for_press(model)
-    if anatomy is None:
-        with _ORIGINAL_CALL(press, model):
-            yield None
-        return
-    check_press_supported(press, anatomy)
-    press.post_init_from_model(model)
+def press_scope(press: BasePress, model: nn.Module, anatomy: MoEAnatomy | None) -> Iterator[list]:
+    """Everything a MoE-aware press needs around its hooks, shared by the live path (:func:`attach`) and the prefill
+    replay: the support check and ``post_init_from_model`` (MoE families; kvpress's own ``__call__`` does the latter
+    for other models), sink-aware scorers for families with attention sinks, and the mask fitting for ragged caches.
+
+    Yields a list: append the caches the press compresses; on a clean exit, a ragged one keeps the mask fitting alive
+    until it is garbage-collected, and otherwise nothing is left on the model.
+    """
+    if anatomy is not None:
+        check_press_supported(press, anatomy)
+        press.post_init_from_model(model)
     masks = _RaggedMasks.acquire(model)
-    watch = _CacheWatch()
-    handles = [anatomy.language_model.register_forward_pre_hook(watch, with_kwargs=True)]
-    routed = None
+    caches: list = []
     ok = False
     try:
-        with _sink_aware_scorers() if anatomy.family.sinks_attr else nullcontext():
-            views = make_views(anatomy)
-            if needs_routing(press):
-                routed = _RoutedHooks(press, anatomy, views)
-                routed.register(handles)
-            else:
-                for view in views.values():
-                    handles.append(view.module.register_forward_hook(press_hook(press, view), with_kwargs=True))
-            yield anatomy
+        with _sink_aware_scorers() if anatomy is not None and anatomy.family.sinks_attr else nullcontext():
+            yield caches
         ok = True
     finally:
-        for handle in handles:
-            handle.remove()
-        if routed is not None:
-            routed.close()
         if ok:
-            _keep_masks_while_alive(masks, watch.caches)
+            _keep_masks_while_alive(masks, caches)
         else:
             masks.release()
-        watch.caches.clear()
+
+
+@contextmanager
+def attach(press: BasePress, model: nn.Module) -> Iterator[MoEAnatomy | None]:
+    """Run ``press`` MoE-aware on ``model`` inside the block: the MoE-aware hooks for known MoE families, kvpress's
+    own ``__call__`` for dense models and unknown families (with the ragged-mask fitting in both cases). Yields the
+    anatomy, or ``None`` when kvpress's own hooks are used. Every hook is removed on exit, also when the block raises,
+    except the mask fitting that a ragged cache left behind needs (see the module docstring)."""
+    anatomy = moe_anatomy_for_press(model)
+    with press_scope(press, model, anatomy) as caches:
+        handles = []
+        try:
+            language_model = language_model_of(model)
+        except ValueError:
+            language_model = None
+        if language_model is not None:
+            handles.append(language_model.register_forward_pre_hook(_CacheWatch(caches), with_kwargs=True))
+        routed = None
+        try:
+            if anatomy is None:
+                with _ORIGINAL_CALL(press, model):
+                    yield None
+            else:
+                views = make_views(anatomy)
+                if needs_routing(press):
+                    routed = _RoutedHooks(press, anatomy, views)
+                    routed.register(handles)
+                else:
+                    for view in views.values():
+                        handles.append(view.module.register_forward_hook(press_hook(press, view), with_kwargs=True))
+                yield anatomy
+        finally:
+            for handle in handles:
+                handle.remove()
+            if routed is not None:
+                routed.close()
 
 
 @contextmanager

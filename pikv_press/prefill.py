@@ -91,34 +91,39 @@ class PrefillSnapshot:
                 f"{type(press).__name__} runs its own forward passes or decoding-time hooks and cannot be replayed "
                 "from a recorded prefill: run it with `with press(model): model.model(...)` instead."
             )
-        anatomy = compat.moe_anatomy_for_press(self.model) if compat.is_moe_aware(press) else None
-        if anatomy is not None:
-            compat.check_press_supported(press, anatomy)
-        press.post_init_from_model(self.model)
-        masks = compat._RaggedMasks.acquire(self.model)
-        try:
-            with torch.no_grad(), compat._sink_aware_scorers():
-                if anatomy is None:  # kvpress's own path
-                    for idx in range(self.num_layers):
-                        module = language_model.layers[idx].self_attn
-                        module.rotary_emb = language_model.rotary_emb  # as kvpress's __call__ does
-                        kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
-                        press.forward_hook(module, (), kwargs, (None, self.layers[idx].attentions))
-                else:
-                    routed = compat.needs_routing(press)
-                    if routed and not self.routing:
-                        raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
-                                         "holds none: record the prefill with PrefillRecorder on an MoE model.")
-                    for idx, view in compat.make_views(anatomy).items():
-                        kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
-                        if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
-                            kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
-                        compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
-        except BaseException:
-            masks.release()
-            raise
-        compat._keep_masks_while_alive(masks, [cache])
+        with torch.no_grad():
+            if not compat.is_moe_aware(press):  # kvpress's own path, exactly as `with press(model)` without pikv-press
+                self._replay_plain(press, cache)
+                return cache
+            anatomy = compat.moe_anatomy_for_press(self.model)
+            if anatomy is None:
+                press.post_init_from_model(self.model)  # as kvpress's own __call__ does
+            with compat.press_scope(press, self.model, anatomy) as caches:
+                caches.append(cache)
+                if anatomy is None:
+                    self._replay_plain(press, cache)
+                    return cache
+                routed = compat.needs_routing(press)
+                if routed and not self.routing:
+                    raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
+                                     "holds none: record the prefill with PrefillRecorder on an MoE model.")
+                for idx, view in compat.make_views(anatomy).items():
+                    kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+                    if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
+                        kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
+                    compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
         return cache
+
+    def _replay_plain(self, press: BasePress, cache: Cache) -> None:
+        """kvpress's own hook on every layer, as kvpress's ``BasePress.__call__`` attaches it."""
+        if not compat.is_moe_aware(press):
+            press.post_init_from_model(self.model)
+        language_model = language_model_of(self.model)
+        for idx in range(self.num_layers):
+            module = language_model.layers[idx].self_attn
+            module.rotary_emb = language_model.rotary_emb  # as kvpress's __call__ does
+            kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+            press.forward_hook(module, (), kwargs, (None, self.layers[idx].attentions))
 
 
 class PrefillRecorder:

@@ -285,7 +285,7 @@ def test_plain_kvpress_scores_are_wrong_on_query_norm_families(family):
     assert max(errors) > 1e-2
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "deepseek_v3", "glm4_moe", "llama"])
 def test_ragged_cache_decodes_like_token_by_token(family):
     """After PyramidKV (different lengths per layer, and GPT-OSS's full sliding layers), a block of new tokens gives
     the same logits as feeding them one at a time, where no mask is involved."""
