@@ -31,6 +31,8 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import StaticLayer
 
+from pikv_press.compat import ragged_cache_masks
+
 MATCH_MODES = ("all", "any")
 # Version of the teacher-forced verdict's rules (lead-in, false starts); results files record it.
 TEACHER_FORCING_VERSION = 2
@@ -92,7 +94,7 @@ def greedy_tokens(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     question_ids = question_ids.reshape(-1)
     stop = _eos_ids(model)
-    with torch.no_grad():
+    with torch.no_grad(), ragged_cache_masks(model):  # layers may hold different numbers of tokens (PyramidKV)
         logits = _forward(model, question_ids, cache, context_length, logits_to_keep=1)
         position = context_length + question_ids.shape[0]
         generated = [int(logits[-1].argmax())]
@@ -245,7 +247,7 @@ def teacher_forced_score(
     budget = max_new_tokens if max_new_tokens is not None else float("inf")
     saved = save_cache(cache)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ragged_cache_masks(model):
             first = _forward(model, question_ids, cache, context_length, logits_to_keep=1)[-1]
             start = context_length + question_ids.shape[0]
             after_question = save_cache(cache)

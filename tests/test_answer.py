@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, QuantizedCache, pipeline
 
-from evaluation.registry import make_press
+from evaluation.registry import make_press, press_for_run
 from pikv_press.answer import (
     answer_questions,
     greedy_reproduces,
@@ -40,12 +40,12 @@ def setup():
 @pytest.mark.parametrize("name", PRESSES)
 def test_greedy_answers_equal_kvpress_pipeline(setup, name):
     model, tokenizer, pipe, inputs, snapshot = setup
-    press = make_press(name, 0.5)
+    press = press_for_run(name, 0.5)
     cache = snapshot.replay(press)
     before = layer_lengths(cache)
     ours = answer_questions(model, tokenizer, cache, inputs["questions_ids"], inputs["context_ids"].shape[1], 6)
     assert layer_lengths(cache) == before  # answers trimmed off: the compressed context is left as it was
-    theirs = pipe(CONTEXT, questions=QUESTIONS, answer_prefix=" Answer:", press=make_press(name, 0.5),
+    theirs = pipe(CONTEXT, questions=QUESTIONS, answer_prefix=" Answer:", press=press_for_run(name, 0.5),
                   max_new_tokens=6)["answers"]
     assert ours == theirs
 
@@ -150,7 +150,6 @@ def test_teacher_forcing_on_the_embedded_model():
     """On RULER-1k and the embedded MoE: the teacher-forced verdict is what greedy generation writes, press by press."""
     from evaluation.benchmarks import ruler
     from evaluation.models import load_model
-    from evaluation.registry import press_for_run
     from pikv_press.answer import restore_cache, save_cache
 
     model, tokenizer, _ = load_model("embedded")
