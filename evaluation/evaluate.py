@@ -393,7 +393,7 @@ def write_report(configs: list[RunConfig], output_dir: Path, title: str) -> tupl
     scoring = scorings.pop()
     table = results_table(configs, output_dir)
     n = int(table["n"].max()) if len(table) else 0
-    title = f"{title}\nscoring: {SCORINGS[scoring]}; {n} samples; bars: 95% bootstrap intervals"
+    title = f"{title}\nscoring: {SCORINGS[scoring]}\n{n} samples; bars: 95% bootstrap intervals"
     md_path, png_path = output_dir / "results.md", output_dir / "results.png"
     note = ("Score: mean over tasks of the per-sample score (0-100). Intervals: 95% bootstrap over samples (within "
             "tasks); the difference to the full cache is paired (same samples).")
