@@ -79,6 +79,7 @@ KVPRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
 # pikv-press's own presses (the demo runs every one of them). Routing features on TOVA: see
 # evaluation/routing_ablation.py for how they were chosen and measured.
 PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
+    "pikv": pikv_presses.PiKVPress,
     "expert_balanced_tova": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress()),
     "router_affinity_tova": lambda: pikv_presses.RouterAffinityPress(press=kp.TOVAPress()),
     "routing_novelty_tova": lambda: pikv_presses.RoutingNoveltyPress(press=kp.TOVAPress()),

@@ -20,7 +20,7 @@ from transformers import DynamicCache, pipeline
 
 from pikv_press import MoEAware, get_anatomy
 from pikv_press.prefill import PrefillRecorder, can_replay
-from pikv_press.presses import ExpertBalancedPress, RouterAffinityPress, RoutingNoveltyPress
+from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
 from pikv_press.testing import VOCAB, build_tokenizer
 from tests.conftest import get_model
 
@@ -44,6 +44,7 @@ ROUTING_PRESSES = {
     "expert_balanced_top2_snapkv": lambda: ExpertBalancedPress(0.5, press=SnapKVPress(window_size=4), power=1.0,
                                                                experts_per_token=2),
     "expert_balanced_predicted": lambda: ExpertBalancedPress(0.5, press=KnormPress(), routing="predicted"),
+    "pikv": lambda: PiKVPress(0.75),
     "router_affinity": lambda: RouterAffinityPress(0.6, window_size=8),
     "router_affinity_knorm": lambda: RouterAffinityPress(0.5, press=KnormPress(), weight=1.0),
     "routing_novelty_tova": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),

@@ -16,7 +16,7 @@ from pikv_press import MoEAware, get_anatomy
 from pikv_press.compat import ROUTING_KWARG, routing_source_layer
 from pikv_press.moe import RoutingRecorder
 from pikv_press.prefill import PrefillRecorder
-from pikv_press.presses import ExpertBalancedPress, RouterAffinityPress, RoutingNoveltyPress
+from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
 from pikv_press.presses.base import combine, lexicographic_scores, membership, quantiles
 from pikv_press.presses.expert_balanced import expert_budgets
 from pikv_press.testing import VOCAB, build_model
@@ -125,6 +125,21 @@ def test_expert_balanced_differs_from_its_base_and_power_one_top_k_still_exact()
     assert any(not torch.equal(a.keys, b.keys) for a, b in zip(base.layers, balanced.layers, strict=True))
     overlapping = recorder.snapshot.replay(ExpertBalancedPress(0.75, press=KnormPress(), experts_per_token=2))
     assert [layer.keys.shape[2] for layer in overlapping.layers] == [compute_n_kept(48, 0.75)] * 3
+
+
+def test_pikv_press_is_its_documented_composition():
+    model = get_model("glm4_moe")
+    ids = _ids(48)
+    caches = []
+    for press in (PiKVPress(0.75), ExpertBalancedPress(0.75, press=TOVAPress(), power=0.5, min_tokens_per_expert=1,
+                                                       experts_per_token=1, routing="actual")):
+        cache = DynamicCache()
+        with torch.no_grad(), press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        caches.append(cache)
+    assert [layer.keys.shape[2] for layer in caches[0].layers] == [12] * 3
+    for a, b in zip(*(c.layers for c in caches), strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 # -- routing features ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """pikv-press's presses: kvpress dataclasses, MoE-aware by construction, composable with kvpress presses.
 
+- :class:`PiKVPress`: the default press (what it combines, and the measurements behind it, in its docstring).
 - :class:`ExpertBalancedPress`: the kept budget split across the experts the context tokens are routed to.
 - :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
 - :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
@@ -9,11 +10,13 @@
 
 from pikv_press.presses.base import RoutingFeaturePress, RoutingScorerPress
 from pikv_press.presses.expert_balanced import ExpertBalancedPress
+from pikv_press.presses.pikv import PiKVPress
 from pikv_press.presses.router_affinity import RouterAffinityPress
 from pikv_press.presses.routing_novelty import RoutingNoveltyPress
 
 __all__ = [
     "ExpertBalancedPress",
+    "PiKVPress",
     "RouterAffinityPress",
     "RoutingFeaturePress",
     "RoutingNoveltyPress",
