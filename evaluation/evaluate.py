@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import json
 import logging
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -375,7 +376,7 @@ def plot_table(table: pd.DataFrame, path: Path, title: str, score_label: str) ->
             ax.axhline(float(ref["score"]), color="black", linestyle="--", label="full cache (no_press), 95% CI")
         ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
         ax.set_ylabel(score_label)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, width=90, break_long_words=False)), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
