@@ -6,11 +6,12 @@ import json
 
 import pandas as pd
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from evaluation import evaluate
 from evaluation.benchmarks.ruler import calculate_metrics as ruler_scores
 from evaluation.metrics import average_score, string_match_all, string_match_part
-from evaluation.registry import BASELINE_PRESSES
+from evaluation.registry import BASELINE_PRESSES, press_for_run
 from pikv_press.testing import TRAINING_TEXT, build_model, build_tokenizer
 
 # AdaKV(ExpectedAttention) is covered by tests/test_prefill_replay.py: on tiny random models its fake-key search
@@ -110,14 +111,36 @@ def test_compare_naive_reports_a_ratio(tiny_model_dir, tiny_dataset, tmp_path):
     assert report["identical_predictions"] and report["runs"] == 2 and report["naive_over_prefill_once"] > 0
 
 
+def _trec_score(prediction: str, gold: str, classes: list[str]) -> float:
+    """LongBench's trec metric, written out independently: on the first line of the prediction, the classes it names
+    (minus those that are only part of the gold class's name); 1 / their number if the gold class is among them."""
+    line = prediction.lstrip("\n").split("\n")[0]
+    named = [c for c in classes if c in line]
+    named = [c for c in named if not (c in gold and c != gold)]
+    return 1.0 / len(named) if gold in named else 0.0
+
+
 def test_longbench_through_the_harness(tiny_model_dir, tmp_path):
+    """The harness answers LongBench records as kvpress's pipeline does, and scores them with LongBench's metric."""
+    from evaluation.benchmarks.longbench import load_longbench
+
     data = "trec:tests/fixtures/longbench_tiny.jsonl"
     args = ["--model", str(tiny_model_dir), "--dataset", "longbench", "--data_dir", data,
             "--press_name", "no_press,knorm", "--output_dir", str(tmp_path), "--max_new_tokens", "3"]
     assert evaluate.main(args) == 0
-    run = next(p for p in tmp_path.iterdir() if p.name.startswith("longbench__trec") and "knorm" in p.name)
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"trec"} and 0.0 <= metrics["trec"]["score"] <= 100.0
+    records = load_longbench("trec", data_dir="tests/fixtures/longbench_tiny.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    for name in ("no_press", "knorm"):
+        run = next(p for p in tmp_path.iterdir() if p.name.startswith("longbench__trec") and f"__{name}__" in p.name)
+        predictions = pd.read_csv(run / "predictions.csv", keep_default_na=False, dtype={"predicted_answer": str})
+        expected = [pipe(r.context, question=r.question, answer_prefix=r.answer_prefix,
+                         press=press_for_run(name, 0.5), max_new_tokens=3)["answer"] for r in records.itertuples()]
+        assert predictions["predicted_answer"].tolist() == expected
+        known = 100 * sum(_trec_score(p, r.answer[0], list(r.all_classes))
+                          for p, r in zip(expected, records.itertuples(), strict=True)) / len(records)
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert set(metrics) == {"trec"} and metrics["trec"]["score"] == pytest.approx(known)
 
 
 def test_demo_prints_answers_full_cache_first(tmp_path, capsys):
