@@ -66,8 +66,9 @@ def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float) -> Path:
     return runs_dir / f"ruler__{path.stem}__{model_tag(EMBEDDED)}__{press}__{ratio:.2f}__teacher_forced"
 
 
-def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float]) -> str:
-    """The pooled table of the chunks in ``files`` that hold every run."""
+def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float],
+           tasks: list[str] | None = None) -> str:
+    """The pooled table of the chunks in ``files`` that hold every run (their samples of ``tasks`` only, if given)."""
     runs_dir = output_dir / "runs"
     wanted = [(p, r) for p in presses for r in ([0.0] if p == "no_press" else ratios)]
     complete = [f for f in files if all((_run_dir(runs_dir, f, p, r) / "metrics.json").exists() for p, r in wanted)]
@@ -76,7 +77,8 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
     scores = {}
     for press, ratio in wanted:
         parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio) / "predictions.csv") for f in complete]
-        scores[(press, ratio)] = pd.concat(parts, ignore_index=True)
+        pooled = pd.concat(parts, ignore_index=True)
+        scores[(press, ratio)] = pooled if tasks is None else pooled[pooled["task"].isin(tasks)].reset_index(drop=True)
     full = scores[("no_press", 0.0)]
     tasks = full["task"].astype(str).to_numpy()
     n_tasks = len(set(tasks))
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output_dir", default="results/routing_ablation")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--pool_with", default="",
+                        help="chunk files of other runs (another task list) whose samples of --tasks are pooled too")
     args = parser.parse_args(argv)
     cli.setup(args.threads)
     output_dir = Path(args.output_dir)
@@ -147,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads)
             if status:
                 return status
-            (output_dir / "ablation.md").write_text(report(output_dir, files, presses, ratios) + "\n")
-    text = report(output_dir, files, presses, ratios)
+            text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks))
+            (output_dir / "ablation.md").write_text(text + "\n")
+    files += [Path(f) for f in cli.comma_list(args.pool_with)]
+    text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks))
     (output_dir / "ablation.md").write_text(text + "\n")
     print(text)
     return 0

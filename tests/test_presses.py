@@ -128,11 +128,11 @@ def test_expert_balanced_differs_from_its_base_and_power_one_top_k_still_exact()
 
 
 def test_pikv_press_is_its_documented_composition():
-    model = get_model("glm4_moe")
+    """PiKVPress is MoE-correct TOVA (the ablation's choice): the same caches as MoEAware(TOVAPress)."""
+    model = get_model("qwen3_moe")  # a QK-norm family, where plain kvpress would score with the wrong queries
     ids = _ids(48)
     caches = []
-    for press in (PiKVPress(0.75), ExpertBalancedPress(0.75, press=TOVAPress(), power=0.5, min_tokens_per_expert=1,
-                                                       experts_per_token=1, routing="actual")):
+    for press in (PiKVPress(0.75), MoEAware(TOVAPress(0.75))):
         cache = DynamicCache()
         with torch.no_grad(), press(model):
             model.model(input_ids=ids, past_key_values=cache)
@@ -140,6 +140,11 @@ def test_pikv_press_is_its_documented_composition():
     assert [layer.keys.shape[2] for layer in caches[0].layers] == [12] * 3
     for a, b in zip(*(c.layers for c in caches), strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        PiKVPress(1.5)
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), PiKVPress(0.5)(model):
+        model.model(input_ids=torch.cat([ids, ids]), past_key_values=DynamicCache())
+    assert not _press_hooks(model)
 
 
 # -- routing features ----------------------------------------------------------------------------------------------
