@@ -16,17 +16,21 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
     most, averaged over heads), made MoE-correct (:mod:`pikv_press.compat`): **routing did not help** in the first
     ablation, so no routing feature is part of it.
 
-    The ablation (``python -m evaluation.routing_ablation``; RULER-1k, embedded model ``smollm2-moe-ed1da41ac4``,
-    teacher-forced scoring; first table on all 9 retrieval tasks x 1 sample, pooled table on niah_single_1,
-    niah_single_2 and qa_1, the tasks the model solves with the full cache) put each routing feature on top of TOVA.
-    At ratio 0.5 all three made the gold answer less likely than TOVA alone (paired gold-NLL differences with 95%
-    intervals above 0 for :class:`ExpertBalancedPress`, :class:`RouterAffinityPress` and
-    :class:`RoutingNoveltyPress`); at 0.75 none was better than TOVA beyond noise (RouterAffinityPress was worse).
-    TOVA was the best kvpress baseline at 0.5; StreamingLLM scored higher at 0.75 on the same few samples. The
-    figures, with sample counts and intervals, are in the closing note of the issue and in
-    ``results/routing_ablation/ablation.md`` written by that command. Routing predicted from the attention input was
-    not an option on that model: it matches the experts' actual top-1 for 11% of the tokens and recalls 57% of the
-    top-32 (chance: 50%).
+    The ablation (``python -m evaluation.routing_ablation --tasks niah_single_1,niah_single_2,qa_1 --first_chunk 1
+    --chunks 9 --pool_with <its 9-task chunk 0>``; RULER-1k, embedded model ``smollm2-moe-ed1da41ac4``,
+    teacher-forced; 27 samples, 9 per task, on the retrieval tasks that the model solves with the full cache, which
+    scores 74.1 [63.0, 85.2]) put each routing feature on top of TOVA (paired differences to TOVA, 95% intervals):
+
+    * ratio 0.5, TOVA 63.0 [48.1, 77.8]: :class:`ExpertBalancedPress` -25.9 [-37.0, -14.8] (gold NLL +0.89
+      [+0.53, +1.24]), :class:`RouterAffinityPress` -33.3 [-51.9, -14.8] (NLL +1.63 [+0.84, +2.66]),
+      :class:`RoutingNoveltyPress` -3.7 [-11.1, 0.0] (NLL +0.02 [-0.35, +0.34]);
+    * ratio 0.75, TOVA 25.9 [11.1, 40.7]: ExpertBalancedPress +7.4 [-7.4, +22.2] (NLL -0.39 [-0.92, +0.13]),
+      RoutingNoveltyPress +7.4 [-7.4, +22.2] (NLL +0.64 [-0.16, +1.53]), RouterAffinityPress -22.2 [-37.0, -7.4].
+
+    Two features hurt at 0.5 and nothing beat TOVA beyond noise at 0.75. Among kvpress baselines TOVA led at 0.5
+    (StreamingLLM 48.1, SnapKV 33.3, Knorm 33.3); at 0.75 StreamingLLM's 37.0 was +11.1 [-7.4, +29.6] over TOVA, within
+    noise. Routing predicted from the attention input was not an option on that model: it matches the experts'
+    actual top-1 for 11% of the tokens and recalls 57% of the top-32 (chance: 50%).
 
     Parameters
     ----------
