@@ -15,6 +15,8 @@ Public API
 - :class:`RouterTap`: analysis of actual and predicted routing of every MoE layer, in prefill and decoding.
 - :func:`make_cache`, :func:`layer_access`, :func:`cache_nbytes` / :func:`cache_lengths`: caches by name, the one
   cache-layer interface, and what a cache really holds.
+- :class:`PiKVPress` (today TOVA made MoE-correct: routing did not help in the first ablation) and the experimental
+  routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`.
 - :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).
 """
 
@@ -34,16 +36,21 @@ from pikv_press.moe import (
     supported_families,
     use_dense_masked_experts,
 )
+from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertBalancedPress",
     "KVLayerAccess",
     "MoEAnatomy",
     "MoEAware",
+    "PiKVPress",
+    "RouterAffinityPress",
     "RouterScoring",
     "RouterTap",
     "Routing",
+    "RoutingNoveltyPress",
     "RoutingRecorder",
     "cache_lengths",
     "cache_nbytes",
