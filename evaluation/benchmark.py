@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from kvpress import BasePress, DecodingPress, PrefillDecodingPress
 
+from evaluation.cli import comma_list
 from evaluation.models import load_model
 from pikv_press import cache_lengths, cache_nbytes, make_cache
 from pikv_press.cache import CACHES
@@ -434,10 +435,6 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def _csv_list(text: str, cast: type) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from evaluation.registry import PRESS_REGISTRY, press_for_run
 
@@ -461,11 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args(argv)
 
-    press_names = _csv_list(args.press_name, str)
+    press_names = comma_list(args.press_name, str)
     unknown = [p for p in press_names if p not in PRESS_REGISTRY]
     if unknown:
         parser.error(f"unknown presses {unknown}; known: {', '.join(sorted(PRESS_REGISTRY))}")
-    ratios, lengths = _csv_list(args.compression_ratio, float), _csv_list(args.lengths, int)
+    ratios, lengths = comma_list(args.compression_ratio, float), comma_list(args.lengths, int)
     if not press_names or not lengths or not ratios:
         parser.error("--press_name, --compression_ratio and --lengths must not be empty")
     if any(not 0 <= r < 1 for r in ratios):
