@@ -144,6 +144,6 @@ def merge_partials(
     shift = torch.where(finite, merged, torch.zeros_like(merged))
     weights = torch.exp(lse_stack - shift)  # empty shards: exp(-inf) = 0
     out = torch.zeros(outs[0].shape, dtype=torch.float32, device=device)
-    for weight, part in zip(weights, outs):
+    for weight, part in zip(weights, outs, strict=True):
         out = out + weight.unsqueeze(-1) * part.to(device=device, dtype=torch.float32)
     return out.to(out_dtype), merged
