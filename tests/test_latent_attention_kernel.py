@@ -26,7 +26,8 @@ def _decompressed(q_nope, q_rope, latent, rope_key, w_uk, w_uv, scaling, mask):
 def test_absorbed_attention_equals_decompressed(num_queries, with_mask):
     gen = torch.Generator().manual_seed(0)
     b, h, k, r, dr, dn, dv = 2, 3, 9, 16, 8, 12, 10
-    q_nope, q_rope = torch.randn(b, h, num_queries, dn, generator=gen), torch.randn(b, h, num_queries, dr, generator=gen)
+    q_nope = torch.randn(b, h, num_queries, dn, generator=gen)
+    q_rope = torch.randn(b, h, num_queries, dr, generator=gen)
     latent, rope_key = torch.randn(b, k, r, generator=gen), torch.randn(b, k, dr, generator=gen)
     w_uk, w_uv = torch.randn(h, dn, r, generator=gen), torch.randn(h, dv, r, generator=gen)
     mask = torch.rand(b, 1, num_queries, k, generator=gen) > 0.3 if with_mask else None
