@@ -5,15 +5,19 @@
   own layouts implement it directly).
 * :func:`make_cache` / :func:`register_cache`: caches by name (``dynamic``, ``quantized-int4``, ...).
 * :func:`cache_nbytes` / :func:`cache_lengths`: what a cache really holds, from tensor storage.
+* :class:`LatentCache` (``make_cache("latent", config)``): the latent cache of multi-head latent attention
+  (DeepSeek-V2/V3), with :func:`pikv_press.attention.latent.enable_latent_attention`.
 """
 
 from pikv_press.cache.factory import CACHES, make_cache, register_cache
+from pikv_press.cache.latent import LatentCache
 from pikv_press.cache.layers import KVLayerAccess, layer_access, register_layer_adapter
 from pikv_press.cache.stats import cache_lengths, cache_nbytes
 
 __all__ = [
     "CACHES",
     "KVLayerAccess",
+    "LatentCache",
     "cache_lengths",
     "cache_nbytes",
     "layer_access",
