@@ -4,7 +4,9 @@
 
 Names: ``dynamic`` (transformers' ``DynamicCache``), ``quantized-int4`` / ``quantized-int2`` (transformers'
 ``QuantizedCache``, quanto backend, per-channel keys and values, 128 full-precision residual tokens) and
-``quantized-hqq-int4`` / ``quantized-hqq-int8`` (HQQ backend). Later caches of pikv-press register theirs with
+``quantized-hqq-int4`` / ``quantized-hqq-int8`` (HQQ backend); ``packed-int8`` / ``packed-int4`` / ``packed-int2``
+(pikv-press's KIVI-style :class:`~pikv_press.cache.packed.PackedKVCache`: keys per channel and values per token in
+groups of 32, 32 full-precision recent tokens). Later caches of pikv-press register theirs with
 :func:`register_cache`.
 """
 
@@ -31,12 +33,24 @@ def _quantized(backend: str, nbits: int, residual_length: int = 128, q_group_siz
     return factory
 
 
+def _packed(bits: int) -> CacheFactory:
+    def factory(config: PretrainedConfig) -> Cache:
+        from pikv_press.cache.packed import packed_cache_factory
+
+        return packed_cache_factory(bits, group_size=32, residual_length=32)(config)
+
+    return factory
+
+
 CACHES: dict[str, CacheFactory] = {
     "dynamic": lambda config: DynamicCache(),
     "quantized-int4": _quantized("quanto", 4),
     "quantized-int2": _quantized("quanto", 2),
     "quantized-hqq-int4": _quantized("hqq", 4),
     "quantized-hqq-int8": _quantized("hqq", 8),
+    "packed-int8": _packed(8),
+    "packed-int4": _packed(4),
+    "packed-int2": _packed(2),
 }
 
 
