@@ -10,6 +10,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Triton interpreter must be on before triton is first imported (importing pikv_press imports it; triton.language
+# decorates its own helpers then): the kernel tests run the Triton kernels on CPU tensors through it. Nothing else
+# changes: under PIKV_KERNELS=auto, CPU tensors take the torch reference. TRITON_INTERPRET=0 keeps compiled kernels
+# (the kernel tests then run on a CUDA device, or skip).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
