@@ -3,7 +3,7 @@
 import pytest
 import torch
 from kvpress import KnormPress, StreamingLLMPress
-from transformers import DynamicCache
+from transformers import DynamicCache, pipeline
 
 from evaluation.latent_cache_bytes import deepseek_v2_lite_config, measured_bytes_per_token_and_layer
 from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access, make_cache
@@ -189,8 +189,32 @@ def test_shared_rows_and_match_rows():
     assert shared_rows(per_head, 5).tolist() == [_votes(per_head[0].tolist(), 3)] == [[1, 3, 4]]
     agree = torch.tensor([[[2, 0, 4], [4, 2, 0]]])
     assert shared_rows(agree, 5).tolist() == [[0, 2, 4]]
-    full = torch.randn(1, 2, 6, 4)
     index = torch.tensor([[[5, 0], [3, 1]]])
-    assert torch.equal(match_rows(full, full.gather(2, index[..., None].expand(-1, -1, -1, 4))), index)
-    with pytest.raises(ValueError, match="keep or drop tokens"):
-        match_rows(full, full[:, :, :2] + 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):  # hashed, hashed, matched by sorting rows
+        full = torch.randn(1, 2, 6, 4).to(dtype)
+        assert torch.equal(match_rows(full, full.gather(2, index[..., None].expand(-1, -1, -1, 4))), index)
+        with pytest.raises(ValueError, match="keep or drop tokens"):
+            match_rows(full, full[:, :, :2] + 1)
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_padded_batch_and_kvpress_pipeline(family, tokenizer):
+    model = get_model(family)
+    ids = torch.randint(5, 300, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected, stock = model(ids, attention_mask=mask).logits, model.generate(ids, **kwargs)
+        with enable_latent_attention(model):
+            got, latent = model(ids, attention_mask=mask).logits, model.generate(ids, **kwargs)
+    torch.testing.assert_close(got[0], expected[0], **TOL)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:], **TOL)
+    assert torch.equal(stock, latent)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    context = "The quick brown fox jumps over the lazy dog. " * 4
+    answer = pipe(context, question="What?", max_new_tokens=5)["answer"]
+    cache = LatentCache(model.config)
+    with enable_latent_attention(model):
+        assert pipe(context, question="What?", max_new_tokens=5, cache=cache)["answer"] == answer
+    assert min(cache_lengths(cache)) > 0

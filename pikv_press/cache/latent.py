@@ -178,24 +178,58 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def match_rows(full: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """For every row of ``kept`` ``(batch, heads, n, d)``, the index along ``seq`` of the identical row of ``full``
     ``(batch, heads, seq, d)`` in the same batch and head: ``(batch, heads, n)``. ``ValueError`` if a row is found
-    nowhere (a press that writes new rows instead of keeping some)."""
+    nowhere (a press that writes new rows instead of keeping some).
+
+    Exact: candidates come from an integer hash of the rows' bit patterns (sums of products, no rounding), every
+    candidate is checked bit for bit, and hash collisions fall back to a lexicographic match of whole rows."""
     batch, heads, seq, width = full.shape
     groups = batch * heads
     full_bits, kept_bits = _bits(full).reshape(groups, seq, width), _bits(kept).reshape(groups, -1, width)
+    found = _hash_match(full_bits, kept_bits) if width < _HASH_MAX_WIDTH and full.element_size() <= 4 else None
+    if found is None:
+        found = _lexicographic_match(full_bits, kept_bits)
+    if (found < 0).any():
+        raise ValueError("A press wrote keys that are not rows of this latent cache layer: the latent cache can only "
+                         "keep or drop tokens. Use a DynamicCache for presses that modify keys.")
+    return found.view(batch, heads, -1)
+
+
+_HASH_MAX_WIDTH = 4096  # |bits| < 2**31 and coefficients < 2**20: sums of fewer than 2**12 products fit in int64
+_HASH_CHUNK = 4  # (batch x head) groups hashed at a time, to bound the int64 temporaries
+
+
+def _hash_match(full_bits: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor | None:
+    """Row indices by hash, checked bit for bit; ``None`` when a hash collision leaves a row unmatched."""
+    width = full_bits.shape[-1]
+    coeff = torch.randint(1, 2**20, (width,), generator=torch.Generator().manual_seed(0)).to(full_bits.device)
+    found = []
+    for start in range(0, full_bits.shape[0], _HASH_CHUNK):
+        full_chunk, kept_chunk = full_bits[start:start + _HASH_CHUNK], kept_bits[start:start + _HASH_CHUNK]
+        full_hash = (full_chunk.to(torch.int64) * coeff).sum(-1)  # (chunk, seq)
+        kept_hash = (kept_chunk.to(torch.int64) * coeff).sum(-1)  # (chunk, n)
+        sorted_hash, order = full_hash.sort(dim=-1)
+        position = torch.searchsorted(sorted_hash, kept_hash).clamp(max=full_hash.shape[-1] - 1)
+        candidate = order.gather(-1, position)
+        rows = full_chunk.gather(1, candidate.unsqueeze(-1).expand(-1, -1, width))
+        if not bool((rows == kept_chunk).all()):
+            return None
+        found.append(candidate)
+    return torch.cat(found)
+
+
+def _lexicographic_match(full_bits: torch.Tensor, kept_bits: torch.Tensor) -> torch.Tensor:
+    """Row indices ``(groups, n)`` by sorting whole rows (``-1`` where a kept row is nowhere in ``full``)."""
+    groups, seq, width = full_bits.shape
     kept_len = kept_bits.shape[1]
-    group_ids = torch.arange(groups, device=full.device, dtype=full_bits.dtype)[:, None, None]
+    group_ids = torch.arange(groups, device=full_bits.device, dtype=full_bits.dtype)[:, None, None]
     rows = torch.cat([
         torch.cat([group_ids.expand(-1, seq, 1), full_bits], dim=-1).reshape(-1, width + 1),
         torch.cat([group_ids.expand(-1, kept_len, 1), kept_bits], dim=-1).reshape(-1, width + 1),
     ])
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    table = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=full.device)
-    table[inverse[: groups * seq]] = torch.arange(seq, device=full.device).repeat(groups)
-    found = table[inverse[groups * seq:]].view(batch, heads, kept_len)
-    if (found < 0).any():
-        raise ValueError("A press wrote keys that are not rows of this latent cache layer: the latent cache can only "
-                         "keep or drop tokens. Use a DynamicCache for presses that modify keys.")
-    return found
+    table = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=full_bits.device)
+    table[inverse[: groups * seq]] = torch.arange(seq, device=full_bits.device).repeat(groups)
+    return table[inverse[groups * seq:]].view(groups, kept_len)
 
 
 def shared_rows(per_head: torch.Tensor, seq: int) -> torch.Tensor:
