@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kvpress import KnormPress, StreamingLLMPress
+from kvpress import AdaKVPress, DecodingPress, KnormPress, StreamingLLMPress
 from transformers import DynamicCache, pipeline
 
 from evaluation.latent_cache_bytes import deepseek_v2_lite_config, measured_bytes_per_token_and_layer
@@ -218,3 +218,21 @@ def test_padded_batch_and_kvpress_pipeline(family, tokenizer):
     with enable_latent_attention(model):
         assert pipe(context, question="What?", max_new_tokens=5, cache=cache)["answer"] == answer
     assert min(cache_lengths(cache)) > 0
+
+
+def test_presses_the_latent_cache_cannot_hold_raise():
+    model = get_model("deepseek_v3")
+    ids, token = torch.randint(5, 300, (1, 16)), torch.randint(5, 300, (1, 1))
+    with torch.no_grad(), enable_latent_attention(model):
+        with pytest.raises(ValueError, match="DynamicCache"):  # reads per-head tensors from the cache itself
+            with MoEAware(DecodingPress(KnormPress(0.5), compression_interval=2, target_size=8))(model):
+                model.model(ids, past_key_values=LatentCache(model.config))
+        cache = LatentCache(model.config)
+        try:
+            with MoEAware(AdaKVPress(KnormPress(0.5)))(model):  # masks keys per head, frees nothing
+                model.model(ids, past_key_values=cache)
+            with pytest.raises(ValueError, match="head-wise press"):
+                model(token, past_key_values=cache)
+        finally:
+            for layer in model.model.layers:
+                layer.self_attn.masked_key_indices = None

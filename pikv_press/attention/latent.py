@@ -82,6 +82,11 @@ def _latent_layer(cache: Any, module: nn.Module) -> LatentLayer:
     return layer
 
 
+def _continues_cache(cache_position: torch.Tensor | None) -> bool:
+    """Whether this forward pass continues a cache (kvpress resets its head-wise masks at every prefill)."""
+    return cache_position is None or int(cache_position[0]) > 0
+
+
 def _fit_mask(mask: Any, num_keys: int) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -102,6 +107,13 @@ def latent_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """One MLA attention module's forward from the latent cache: ``(output (batch, seq, hidden), None)``."""
     m = module
+    if getattr(m, "masked_key_indices", None) is not None and _continues_cache(cache_position):
+        raise ValueError(
+            "A head-wise press (AdaKVPress, CriticalAdaKVPress, ...) masked keys per head in this layer; the latent "
+            "cache holds one latent per token for all heads and latent attention applies no per-head masks. Use a "
+            "press that evicts tokens (KnormPress, SnapKVPress, ...) or the stock cache (outside "
+            "enable_latent_attention)."
+        )
     batch, seq, _ = hidden_states.shape
     heads, nope, rope, v_dim, rank = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
     q = m.q_proj(hidden_states) if m.q_lora_rank is None else m.q_b_proj(m.q_a_layernorm(m.q_a_proj(hidden_states)))
