@@ -16,12 +16,11 @@ from pikv_press.kernels.lowbit import dequantize
 from pikv_press.prefill import PrefillRecorder
 from pikv_press.testing import MOE_FAMILY_NAMES, build_tokenizer
 from tests.conftest import get_model
+from tests.decoding_helpers import decode_logits as _decode
+from tests.decoding_helpers import token_ids as _ids
 
 HEADS, DIM = 2, 16  # KV heads and head_dim of the tiny Qwen3-MoE
 
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 300, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def packed_layer_bytes(tokens: int, bits: int, group: int, residual: int, value_group: int, key_dim: int,
@@ -34,16 +33,6 @@ def packed_layer_bytes(tokens: int, bits: int, group: int, residual: int, value_
                 + window * (key_dim + value_dim) * itemsize)
     return heads * per_head
 
-
-def _decode(model, cache, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Logits of the last prefill position and of ``steps`` greedy decoding steps, ``(steps + 1, vocab)``."""
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache)
-        logits = [out.logits[0, -1]]
-        for _ in range(steps):
-            out = model(logits[-1].argmax().view(1, 1), past_key_values=cache)
-            logits.append(out.logits[0, -1])
-    return torch.stack(logits)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -6,7 +6,9 @@ Names: ``dynamic`` (transformers' ``DynamicCache``), ``quantized-int4`` / ``quan
 ``QuantizedCache``, quanto backend, per-channel keys and values, 128 full-precision residual tokens) and
 ``quantized-hqq-int4`` / ``quantized-hqq-int8`` (HQQ backend); ``packed-int8`` / ``packed-int4`` / ``packed-int2``
 (pikv-press's KIVI-style :class:`~pikv_press.cache.packed.PackedKVCache`: keys per channel and values per token in
-groups of 32, 32 full-precision recent tokens). Later caches of pikv-press register theirs with
+groups of 32, 32 full-precision recent tokens); ``lowrank-k50`` / ``lowrank-k25`` (pikv-press's
+:class:`~pikv_press.cache.lowrank.LowRankKeyCache`: keys stored on their top singular directions, at 50% / 25% of
+their width). Later caches of pikv-press register theirs with
 :func:`register_cache`.
 """
 
@@ -42,6 +44,15 @@ def _packed(bits: int) -> CacheFactory:
     return factory
 
 
+def _lowrank(key_budget: float) -> CacheFactory:
+    def factory(config: PretrainedConfig) -> Cache:
+        from pikv_press.cache.lowrank import LowRankKeyCache
+
+        return LowRankKeyCache(key_budget=key_budget, config=config)
+
+    return factory
+
+
 CACHES: dict[str, CacheFactory] = {
     "dynamic": lambda config: DynamicCache(),
     "quantized-int4": _quantized("quanto", 4),
@@ -51,6 +62,8 @@ CACHES: dict[str, CacheFactory] = {
     "packed-int8": _packed(8),
     "packed-int4": _packed(4),
     "packed-int2": _packed(2),
+    "lowrank-k50": _lowrank(0.5),
+    "lowrank-k25": _lowrank(0.25),
 }
 
 

@@ -1,0 +1,151 @@
+"""LowRankKeyCache: full rank is the full cache, lower ranks store exactly the counted bytes, the basis is the keys'
+top singular directions (rank from energy or budget), decoding projects on the same basis, presses compose, and
+kvpress's ThinK saves nothing by comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvpress import KnormPress, ThinKPress
+from transformers import DynamicCache
+
+from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access
+from pikv_press.cache.lowrank import LowRankKeyCache, LowRankKeyLayer
+from tests.conftest import get_model
+from tests.decoding_helpers import decode_logits as _decode
+from tests.decoding_helpers import token_ids as _ids
+
+FP32_LOGIT_TOLERANCE = 1e-4  # full rank: keys rotated onto an orthonormal basis and back, fp32 rounding only
+
+
+
+
+def _key_width(model) -> int:
+    cache = DynamicCache()
+    _decode(model, cache, _ids(2), steps=0)
+    return cache.layers[0].keys.shape[-1]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_full_rank_reproduces_the_full_cache(family):
+    model = get_model(family)
+    ids = _ids(24)
+    full = _decode(model, DynamicCache(), ids, steps=6)
+    cache = LowRankKeyCache(rank=_key_width(model), config=model.config)
+    low = _decode(model, cache, ids, steps=6)
+    assert (low - full).abs().max() < FP32_LOGIT_TOLERANCE
+    assert (low[1:] - full[1:]).abs().max() > 0  # decoding really reads the projected keys
+
+
+def _projector(keys: torch.Tensor, rank: int) -> torch.Tensor:
+    """``V_r V_r^T`` from the SVD of each head's keys (sign-free), ``(batch, heads, D, D)``."""
+    _, _, vh = torch.linalg.svd(keys.double(), full_matrices=False)
+    basis = vh[..., :rank, :].transpose(-1, -2)
+    return basis @ basis.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_lower_rank_stores_the_counted_bytes_and_projects_on_the_top_directions(rank):
+    model = get_model("qwen3_moe")  # 2 KV heads, head_dim 16, float32
+    layers, heads, dim = model.config.num_hidden_layers, 2, 16
+    ids = _ids(40)
+    full, cache = DynamicCache(), LowRankKeyCache(rank=rank, config=model.config)
+    _decode(model, full, ids, steps=0)
+    _decode(model, cache, ids, steps=0)
+    per_head = lambda t: (t * rank + dim * rank + t * dim) * 4  # noqa: E731  coefficients, basis, values
+    assert cache.ranks == [rank] * layers
+    assert cache_nbytes(cache) == layers * heads * per_head(40)
+    assert cache_nbytes(full) == layers * heads * 40 * 2 * dim * 4
+    keys, values = layer_access(cache.layers[1]).read()
+    reference = full.layers[1].keys
+    expected = (reference.double() @ _projector(reference, rank)).float()
+    assert torch.allclose(keys, expected, atol=1e-5)
+    assert torch.equal(values, full.layers[1].values)
+    # decoding: 3 tokens more, projected on the same basis (not refitted); layer 0's new keys do not depend on
+    # earlier attention, so they are the full cache's
+    basis = cache.layers[0]._basis.clone()
+    _decode(model, full, _ids(3, seed=1), steps=0)
+    _decode(model, cache, _ids(3, seed=1), steps=0)
+    assert torch.equal(cache.layers[0]._basis, basis)
+    assert cache_nbytes(cache) == layers * heads * per_head(43)
+    new_keys = full.layers[0].keys[..., 40:, :]
+    assert torch.allclose(cache.layers[0]._coefficients[..., 40:, :], new_keys @ basis, atol=1e-6)
+
+
+def test_rank_from_energy_and_from_a_byte_budget():
+    model = get_model("olmoe")
+    ids = _ids(40)
+    full = DynamicCache()
+    _decode(model, full, ids, steps=0)
+    for energy in (0.5, 0.9, 0.99):
+        cache = LowRankKeyCache(energy=energy, config=model.config)
+        _decode(model, cache, ids, steps=0)
+        for layer, reference in zip(cache.layers, full.layers, strict=True):
+            singular = torch.linalg.svdvals(reference.keys.double())  # (batch, heads, D)
+            share = (singular ** 2).cumsum(-1) / (singular ** 2).sum(-1, keepdim=True)
+            needed = int(((share < energy).sum(-1) + 1).max())
+            assert layer.rank == needed
+    width = _key_width(model)
+    budget = LowRankKeyCache(key_budget=0.3, config=model.config)
+    _decode(model, budget, ids, steps=0)
+    assert budget.ranks == [int(0.3 * width)] * model.config.num_hidden_layers
+
+
+def test_eviction_press_on_low_rank_keys():
+    model = get_model("qwen3_moe")
+    ids = _ids(40)
+    cache = LowRankKeyCache(rank=4, config=model.config)
+    with torch.no_grad(), MoEAware(KnormPress(0.5))(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    layers = model.config.num_hidden_layers
+    assert cache_lengths(cache) == [20] * layers
+    assert cache_nbytes(cache) == layers * 2 * (20 * 4 + 16 * 4 + 20 * 16) * 4
+    _decode(model, cache, _ids(2, seed=3), steps=2)  # decodes from the pruned cache
+    assert cache_lengths(cache) == [24] * layers
+
+
+def test_think_saves_no_bytes_low_rank_does():
+    """kvpress's ThinK zeroes half the key channels in place: the cache holds exactly the bytes of the full cache.
+    The low-rank cache at half the key width holds the counted bytes, fewer."""
+    model = get_model("qwen3_moe")
+    ids = _ids(40)
+    full, think = DynamicCache(), DynamicCache()
+    _decode(model, full, ids, steps=0)
+    with torch.no_grad(), MoEAware(ThinKPress(key_channel_compression_ratio=0.5, window_size=8))(model):
+        model.model(input_ids=ids, past_key_values=think)
+    assert (think.layers[1].keys == 0).sum() == 40 * 2 * 8  # half the channels of every token zeroed
+    assert cache_nbytes(think) == cache_nbytes(full)
+    low = LowRankKeyCache(key_budget=0.5, config=model.config)
+    _decode(model, low, ids, steps=0)
+    layers = model.config.num_hidden_layers
+    assert cache_nbytes(low) == layers * 2 * (40 * 8 + 16 * 8 + 40 * 16) * 4 < cache_nbytes(full)
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="exactly one of rank, energy or key_budget"):
+        LowRankKeyCache()
+    with pytest.raises(ValueError, match="exactly one of rank, energy or key_budget"):
+        LowRankKeyCache(rank=4, energy=0.9)
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        LowRankKeyCache(rank=0)
+    with pytest.raises(ValueError, match=r"energy must be a fraction in \(0, 1\]"):
+        LowRankKeyCache(energy=1.5)
+    with pytest.raises(ValueError, match=r"key_budget must be a fraction"):
+        LowRankKeyCache(key_budget=0)
+    model = get_model("qwen3_moe")
+    with pytest.raises(ValueError, match="rank=17 exceeds the key head dimension 16"):
+        _decode(model, LowRankKeyCache(rank=17, config=model.config), _ids(4), steps=0)
+    layer = LowRankKeyLayer(rank=2)
+    layer.update(torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16))
+    with pytest.raises(ValueError, match="presses that change the head dimension cannot run on it"):
+        layer.write(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 16))
+
+
+def test_cache_names():
+    from pikv_press.cache import make_cache
+
+    model = get_model("qwen3_moe")
+    for name, rank in (("lowrank-k50", 8), ("lowrank-k25", 4)):
+        cache = make_cache(name, model.config)
+        _decode(model, cache, _ids(10), steps=0)
+        assert cache.ranks == [rank] * model.config.num_hidden_layers
