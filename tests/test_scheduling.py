@@ -240,8 +240,9 @@ def test_chunked_prefill_budget_and_peak(policy_cls):
     assert cache_lengths(result.cache) == [budget] * layers
     # peak: every layer at the budget, one layer holding one more chunk; flat in the context length
     assert result.peak_kv_bytes == per_token_layer * (layers * budget + chunk)
-    assert all(nbytes <= per_token_layer * layers * budget for _, nbytes in result.kv_bytes)
+    assert all(nbytes <= per_token_layer * layers * budget for _, nbytes, _ in result.kv_bytes)
     assert full.peak_kv_bytes == per_token_layer * layers * 100
+    assert [peak for _, _, peak in full.kv_bytes] == [per_token_layer * layers * t for t, _, _ in full.kv_bytes]
     assert model.config._attn_implementation == "sdpa"
 
 

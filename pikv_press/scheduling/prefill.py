@@ -33,14 +33,14 @@ class ChunkedPrefill:
     ``cache``: the compressed cache (continue decoding from it with ``position_ids`` starting at ``tokens``);
     ``tokens``: tokens read; ``peak_kv_bytes``: the largest :func:`~pikv_press.cache.cache_nbytes` seen after any
     layer's cache update (before its compression), i.e. the peak KV storage of the prefill;
-    ``kv_bytes``: cache bytes after each chunk (``(tokens read, bytes)`` pairs); ``last_logits``: logits of the last
-    chunk's last token ``(batch, vocab)`` when the model has an LM head and ``logits`` was requested.
+    ``kv_bytes``: ``(tokens read, cache bytes after the chunk, peak bytes so far)`` after each chunk;
+    ``last_logits``: logits of the last chunk's last token ``(batch, vocab)`` when ``logits`` was requested.
     """
 
     cache: Cache
     tokens: int
     peak_kv_bytes: int
-    kv_bytes: list[tuple[int, int]] = field(default_factory=list)
+    kv_bytes: list[tuple[int, int, int]] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
 
 
@@ -129,8 +129,9 @@ def chunked_prefill(model: nn.Module, input_ids: torch.Tensor, budget: int | Non
                     if logits and stop == total:
                         result.last_logits = out.logits[:, -1].clone()
                 result.tokens = stop
-                result.kv_bytes.append((stop, cache_nbytes(cache)))
-                result.peak_kv_bytes = max(result.peak_kv_bytes, result.kv_bytes[-1][1])
+                nbytes = cache_nbytes(cache)
+                result.peak_kv_bytes = max(result.peak_kv_bytes, nbytes)
+                result.kv_bytes.append((stop, nbytes, result.peak_kv_bytes))
     finally:
         for handle in handles:
             handle.remove()

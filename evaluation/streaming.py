@@ -1,0 +1,324 @@
+"""Streaming perplexity and peak KV memory under a fixed cache budget (decode-time scheduling, issue 15).
+
+    python -m evaluation.streaming --threads 1                 # measure what is missing, append to the jsonl
+    python -m evaluation.streaming --report                    # table with its command, plot to docs/streaming.png
+
+**Perplexity.** The embedded MoE (``evaluation.models.EMBEDDED``) reads ``--tokens`` tokens of Paul Graham essay
+text (the held-out middle of the corpus, as :mod:`evaluation.embedded_model.quality` uses) in chunks of ``--chunk``
+tokens through :func:`pikv_press.scheduling.chunked_prefill`: every chunk is scored (the next-token loss of each of its
+tokens, from the cache as it stands plus the chunk itself), then every layer is compressed to the budget. So each
+token is predicted from at most ``budget + chunk`` cached tokens. Policies: pikv-press's H2O, StreamingLLM, LRU, LFU
+and expert-aware policies (through :class:`~pikv_press.scheduling.DecodingPolicyPress`), Quest page selection
+(:func:`~pikv_press.scheduling.quest_attention`: every page kept, each query reads ``budget`` cached tokens plus its
+chunk), kvpress's own ``DecodingPress`` with ``KnormPress`` and with ``StreamingLLMPress`` (made MoE-aware), and the
+full cache. Perplexity is ``exp(mean loss)`` over the ``tokens - 1`` predicted tokens.
+
+**Memory.** The peak KV storage (:func:`pikv_press.cache.cache_nbytes` after each layer's update, before its
+compression) of reading ``--memory_lengths`` tokens with a bounded prefill (``--memory_policy`` at
+``--memory_budget``) and with the full cache; the perplexity runs also record their peak at 2k, 4k, 8k tokens.
+Contexts above the model's 8192 trained positions measure memory only.
+
+One jsonl line per run is appended to ``--out/streaming.jsonl`` (``measurements/streaming``); runs already there are
+skipped, so the command resumes. ``--max_minutes`` stops starting new runs after that much wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from evaluation.cli import comma_list, setup
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("measurements/streaming")
+PLOT = Path("docs/streaming.png")
+OWN_POLICIES = ("h2o", "streaming_llm", "lru", "lfu", "expert_aware")
+POLICIES = ("full", *OWN_POLICIES, "quest", "kvpress_knorm", "kvpress_streaming_llm")
+LABELS = {
+    "full": "full cache",
+    "h2o": "H2OPolicy",
+    "streaming_llm": "StreamingLLMPolicy",
+    "lru": "LRUPolicy",
+    "lfu": "LFUPolicy",
+    "expert_aware": "ExpertAwarePolicy",
+    "quest": "Quest page selection (reads budget, keeps all)",
+    "kvpress_knorm": "kvpress DecodingPress(KnormPress)",
+    "kvpress_streaming_llm": "kvpress DecodingPress(StreamingLLMPress)",
+}
+CHECKPOINTS = (2048, 4096, 8192, 16384, 32768)
+
+
+def make_policy(name: str, budget: int):
+    """The ``policy`` argument of :func:`chunked_prefill` for ``name`` (``None`` for full and Quest)."""
+    from kvpress import DecodingPress, KnormPress, StreamingLLMPress
+
+    from pikv_press.scheduling import ExpertAwarePolicy, H2OPolicy, LFUPolicy, LRUPolicy, StreamingLLMPolicy
+
+    own = {"h2o": H2OPolicy, "streaming_llm": StreamingLLMPolicy, "lru": LRUPolicy, "lfu": LFUPolicy,
+           "expert_aware": ExpertAwarePolicy}
+    if name in own:
+        return own[name]()
+    if name == "kvpress_knorm":
+        return DecodingPress(KnormPress(), compression_interval=1, target_size=budget)
+    if name == "kvpress_streaming_llm":
+        return DecodingPress(StreamingLLMPress(), compression_interval=1, target_size=budget)
+    return None
+
+
+def essay_tokens(tokenizer, tokens: int) -> torch.Tensor:
+    """(1, tokens) of held-out essay text (the middle of the corpus, as the embedded model's quality report)."""
+    from evaluation.embedded_model.quality import essay_windows
+
+    return essay_windows(tokenizer, tokens, tokens)
+
+
+def run_key(record: dict) -> tuple:
+    return (record["study"], record["model"], record["policy"], record.get("budget"), record["chunk"],
+            record["tokens"])
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None, chunk: int,
+                  with_logits: bool) -> dict:
+    """One pass over ``ids``: summed next-token loss (when ``with_logits``), peak KV bytes, peaks at checkpoints."""
+    from contextlib import nullcontext
+
+    from pikv_press.scheduling import chunked_prefill, quest_attention
+
+    total = {"nll": 0.0, "count": 0}
+    targets = ids[0]
+
+    def score(start: int, logits: torch.Tensor) -> None:
+        stop = min(start + logits.shape[1], targets.numel() - 1)
+        if stop <= start:
+            return
+        log_probs = torch.log_softmax(logits[0, : stop - start].float(), dim=-1)
+        total["nll"] -= float(log_probs.gather(1, targets[start + 1 : stop + 1, None]).sum())
+        total["count"] += stop - start
+
+    quest = policy_name == "quest"
+    scope = quest_attention(model, token_budget=budget, page_size=16) if quest else nullcontext()
+    compress_budget = None if quest or policy_name == "full" else budget
+    policy = None if compress_budget is None else make_policy(policy_name, budget)
+    start = time.perf_counter()
+    with scope:
+        result = chunked_prefill(model, ids, compress_budget, chunk, policy,
+                                 on_logits=score if with_logits else None)
+    seconds = time.perf_counter() - start
+    peaks = {str(tokens): peak for tokens, _, peak in result.kv_bytes if tokens in CHECKPOINTS}
+    record = {"peak_kv_bytes": result.peak_kv_bytes, "final_kv_bytes": result.kv_bytes[-1][1],
+              "peak_kv_bytes_at": peaks, "seconds": round(seconds, 1)}
+    if with_logits:
+        record.update(nll=total["nll"], predicted=total["count"], ppl=math.exp(total["nll"] / total["count"]))
+    return record
+
+
+def planned_runs(args) -> list[dict]:
+    runs = []
+    if args.tokens:
+        for budget in args.budgets:
+            for policy in args.policies:
+                if policy == "full":
+                    continue
+                runs.append({"study": "ppl", "policy": policy, "budget": budget, "chunk": args.chunk,
+                             "tokens": args.tokens})
+        if "full" in args.policies:
+            runs.insert(0, {"study": "ppl", "policy": "full", "budget": None, "chunk": args.chunk,
+                            "tokens": args.tokens})
+    for length in args.memory_lengths:
+        runs.append({"study": "memory", "policy": args.memory_policy, "budget": args.memory_budget,
+                     "chunk": args.chunk, "tokens": length})
+        runs.append({"study": "memory", "policy": "full", "budget": None, "chunk": args.chunk, "tokens": length})
+    return runs
+
+
+def measure(args, argv: Sequence[str] | None) -> None:
+    from evaluation.embedded_model.build import command_line
+    from evaluation.models import EMBEDDED, load_model, model_tag
+    from pikv_press import use_dense_masked_experts
+
+    out = args.out / "streaming.jsonl"
+    tag = model_tag(EMBEDDED)
+    done = {run_key(r) for r in read_records(out)}
+    todo = [dict(run, model=tag) for run in planned_runs(args)]
+    todo = [run for run in todo if run_key(run) not in done]
+    if not todo:
+        logger.info("Every planned run is in %s; nothing to do.", out)
+        return
+    model, tokenizer, label = load_model(EMBEDDED)
+    if args.experts == "dense_masked":
+        use_dense_masked_experts(model)
+    longest = max(run["tokens"] for run in todo)
+    ids = essay_tokens(tokenizer, longest)
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for run in todo:
+        if args.max_minutes and time.perf_counter() - started > args.max_minutes * 60:
+            logger.info("--max_minutes reached; %d runs left for the next call.", len(todo) - todo.index(run))
+            break
+        logger.info("%s %s budget=%s chunk=%d tokens=%d", run["study"], run["policy"], run["budget"], run["chunk"],
+                    run["tokens"])
+        figures = streaming_run(model, ids[:, : run["tokens"]], run["policy"], run["budget"], run["chunk"],
+                                with_logits=run["study"] == "ppl")
+        record = {**run, **figures, "label": label, "threads": torch.get_num_threads(), "experts": args.experts,
+                  "command": command_line("evaluation.streaming", argv)}
+        logger.info("  -> %s", {k: figures[k] for k in ("ppl", "peak_kv_bytes", "seconds") if k in figures})
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def report(args) -> str:
+    records = read_records(args.out / "streaming.jsonl")
+    if not records:
+        raise SystemExit(f"No measurements in {args.out / 'streaming.jsonl'}: run the command without --report first.")
+    ppl = [r for r in records if r["study"] == "ppl"]
+    lines = ["Command: `python -m evaluation.streaming --threads 1` (then `--report`); figures from "
+             f"`{args.out / 'streaming.jsonl'}`.", ""]
+    if ppl:
+        full = {(r["tokens"], r["chunk"]): r for r in ppl if r["policy"] == "full"}
+        settings = sorted({(r["tokens"], r["chunk"]) for r in ppl})
+        for tokens, chunk in settings:
+            rows = [r for r in ppl if (r["tokens"], r["chunk"]) == (tokens, chunk)]
+            budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+            reference = full.get((tokens, chunk))
+            lines.append(f"Streaming perplexity, {tokens} essay tokens in chunks of {chunk} "
+                         f"({rows[0]['label']}); each cell: perplexity (change vs full cache), peak KV MiB.")
+            lines.append("")
+            lines.append("| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |")
+            lines.append("| --- | " + " | ".join("---" for _ in budgets) + " |")
+            if reference is not None:
+                cell = f"{reference['ppl']:.3f}, {reference['peak_kv_bytes'] / 2**20:.1f} MiB"
+                lines.append(f"| {LABELS['full']} | " + " | ".join(cell for _ in budgets) + " |")
+            for policy in POLICIES[1:]:
+                cells = []
+                for budget in budgets:
+                    match = [r for r in rows if r["policy"] == policy and r["budget"] == budget]
+                    if not match:
+                        cells.append("not run")
+                        continue
+                    r = match[-1]
+                    change = "" if reference is None else f" ({100 * (r['ppl'] / reference['ppl'] - 1):+.1f}%)"
+                    cells.append(f"{r['ppl']:.3f}{change}, {r['peak_kv_bytes'] / 2**20:.1f} MiB")
+                if any(c != "not run" for c in cells):
+                    lines.append(f"| {LABELS[policy]} | " + " | ".join(cells) + " |")
+            lines.append("")
+    memory = memory_points(records, args.memory_policy)
+    if memory:
+        lines.append("Peak KV memory (MiB) against context length (chunks of "
+                     f"{sorted({r['chunk'] for r in records})}):")
+        lines.append("")
+        contexts = sorted({c for series in memory.values() for c in series})
+        lines.append("| cache | " + " | ".join(f"{c}" for c in contexts) + " |")
+        lines.append("| --- | " + " | ".join("---" for _ in contexts) + " |")
+        for name, series in memory.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{series[c] / 2**20:.1f}" if c in series else "-" for c in contexts) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    plot(records, memory, args.plot)
+    return text
+
+
+def memory_points(records: list[dict], policy: str) -> dict[str, dict[int, int]]:
+    """``{series: {context: peak bytes}}`` of the full cache and of bounded prefill with ``policy`` (every bounded
+    policy stores the same number of tokens): the memory runs, and the checkpoints of the perplexity runs."""
+    series: dict[str, dict[int, int]] = {}
+    for r in records:
+        if r["policy"] not in ("full", policy):
+            continue  # Quest keeps every page (the full cache's storage); other policies store what `policy` does
+        name = LABELS["full"] if r["policy"] == "full" else f"bounded prefill, budget {r['budget']}"
+        points = series.setdefault(name, {})
+        points[r["tokens"]] = r["peak_kv_bytes"]
+        for tokens, peak in r.get("peak_kv_bytes_at", {}).items():
+            points.setdefault(int(tokens), peak)
+    return series
+
+
+def plot(records: list[dict], memory: dict[str, dict[int, int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = [r for r in records if r["study"] == "ppl"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    full = [r for r in ppl if r["policy"] == "full"]
+    for policy in POLICIES[1:]:
+        rows = sorted((r for r in ppl if r["policy"] == policy), key=lambda r: r["budget"])
+        if rows:
+            left.plot([r["budget"] for r in rows], [r["ppl"] for r in rows], marker="o", label=LABELS[policy])
+    if full:
+        left.axhline(full[-1]["ppl"], color="black", linestyle="--", label="full cache")
+        left.axhline(full[-1]["ppl"] * 1.05, color="grey", linestyle=":", label="full cache + 5%")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("cache budget (tokens per layer)")
+    left.set_ylabel("perplexity")
+    tokens = sorted({r["tokens"] for r in ppl})
+    left.set_title(f"Streaming perplexity, embedded MoE, {tokens} essay tokens", fontsize=10)
+    left.legend(fontsize=7)
+    for name, series in memory.items():
+        contexts = sorted(series)
+        right.plot(contexts, [series[c] / 2**20 for c in contexts], marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("context length (tokens)")
+    right.set_ylabel("peak KV storage (MiB)")
+    right.set_title("Peak KV memory: bounded chunked prefill vs full cache", fontsize=10)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192, help="essay tokens for perplexity (0: none)")
+    parser.add_argument("--budgets", default="512,1024", help="comma-separated cache budgets (tokens per layer)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per forward pass")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {POLICIES}")
+    parser.add_argument("--memory_lengths", default="16384", help="comma-separated contexts of the memory runs")
+    parser.add_argument("--memory_policy", default="h2o", choices=[p for p in POLICIES if p not in ("full", "quest")])
+    parser.add_argument("--memory_budget", type=int, default=1024)
+    parser.add_argument("--experts", default="dense_masked", choices=["dense_masked", "model"],
+                        help="dense-masked experts (faster on CPUs) or the model's own implementation")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max_minutes", type=float, default=0, help="start no new run after this (0: no limit)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--report", action="store_true", help="print the table and write the plot; measure nothing")
+    args = parser.parse_args(argv)
+    args.budgets = comma_list(args.budgets, int)
+    args.memory_lengths = comma_list(args.memory_lengths, int)
+    args.policies = comma_list(args.policies)
+    unknown = [p for p in args.policies if p not in POLICIES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}; choose from {POLICIES}")
+    if any(b < args.chunk for b in args.budgets) or args.chunk < 1:
+        parser.error("every budget must be at least --chunk (a chunk is read before the cache is compressed)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup(args.threads)
+    if args.report:
+        print(report(args))
+        return 0
+    measure(args, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

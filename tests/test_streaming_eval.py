@@ -1,0 +1,63 @@
+"""evaluation.streaming on a tiny model: the perplexity it reports is the plain model's over the same tokens when
+nothing is evicted, every policy runs, and the report prints the table and writes the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from evaluation import streaming
+from tests.conftest import get_model
+
+
+def test_full_cache_streaming_perplexity_is_the_models_perplexity():
+    model = get_model("qwen3_moe")
+    ids = torch.randint(3, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=DynamicCache()).logits
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+    full = streaming.streaming_run(model, ids, "full", None, 16, with_logits=True)
+    assert full["predicted"] == 63
+    assert math.isclose(full["ppl"], math.exp(float(nll) / 63), rel_tol=1e-5)
+    # a budget above the context evicts nothing: the same perplexity, bit for bit as the full run
+    for policy in ("h2o", "kvpress_knorm", "quest"):
+        same = streaming.streaming_run(model, ids, policy, 64, 16, with_logits=True)
+        assert same["nll"] == pytest.approx(full["nll"], rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", [p for p in streaming.POLICIES if p != "full"])
+def test_every_policy_runs_under_a_budget(policy):
+    model = get_model("qwen3_moe")
+    ids = torch.randint(3, 300, (1, 64), generator=torch.Generator().manual_seed(1))
+    figures = streaming.streaming_run(model, ids, policy, 16, 8, with_logits=True)
+    assert figures["predicted"] == 63 and math.isfinite(figures["ppl"])
+    full = streaming.streaming_run(model, ids, "full", None, 8, with_logits=False)
+    if policy == "quest":
+        assert figures["peak_kv_bytes"] == full["peak_kv_bytes"]  # Quest keeps every page
+    else:
+        assert figures["peak_kv_bytes"] < full["peak_kv_bytes"]
+
+
+def test_report_prints_table_and_writes_plot(tmp_path, capsys):
+    records = [
+        {"study": "ppl", "model": "m", "policy": "full", "budget": None, "chunk": 128, "tokens": 8192, "ppl": 10.0,
+         "peak_kv_bytes": 2**20 * 180, "peak_kv_bytes_at": {"2048": 2**20 * 45}, "label": "tiny"},
+        {"study": "ppl", "model": "m", "policy": "h2o", "budget": 1024, "chunk": 128, "tokens": 8192, "ppl": 10.3,
+         "peak_kv_bytes": 2**20 * 23, "peak_kv_bytes_at": {"2048": 2**20 * 23}, "label": "tiny"},
+        {"study": "memory", "model": "m", "policy": "h2o", "budget": 1024, "chunk": 128, "tokens": 16384,
+         "peak_kv_bytes": 2**20 * 23, "label": "tiny"},
+    ]
+    (tmp_path / "streaming.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    plot = tmp_path / "streaming.png"
+    assert streaming.main(["--report", "--out", str(tmp_path), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "python -m evaluation.streaming" in text
+    assert "| H2OPolicy | 10.300 (+3.0%), 23.0 MiB |" in text
+    assert "| bounded prefill, budget 1024 | 23.0 | 23.0 |" in text
+    assert plot.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        streaming.main(["--policies", "nope", "--out", str(tmp_path)])
