@@ -5,6 +5,9 @@
   own layouts implement it directly).
 * :func:`make_cache` / :func:`register_cache`: caches by name (``dynamic``, ``quantized-int4``, ...).
 * :func:`cache_nbytes` / :func:`cache_lengths`: what a cache really holds, from tensor storage.
+* :class:`PackedKVCache`: KIVI-style packed int8/int4/int2 keys and values with a full-precision window
+  (:mod:`pikv_press.cache.packed`); :class:`LowRankKeyCache`: keys on their top singular directions
+  (:mod:`pikv_press.cache.lowrank`). Both hold fewer bytes, counted by :func:`cache_nbytes`, and compose with presses.
 * :class:`LatentCache` (``make_cache("latent", config)``): the latent cache of multi-head latent attention
   (DeepSeek-V2/V3), with :func:`pikv_press.attention.latent.enable_latent_attention`.
 """
@@ -12,12 +15,16 @@
 from pikv_press.cache.factory import CACHES, make_cache, register_cache
 from pikv_press.cache.latent import LatentCache
 from pikv_press.cache.layers import KVLayerAccess, layer_access, register_layer_adapter
+from pikv_press.cache.lowrank import LowRankKeyCache
+from pikv_press.cache.packed import PackedKVCache
 from pikv_press.cache.stats import cache_lengths, cache_nbytes
 
 __all__ = [
     "CACHES",
     "KVLayerAccess",
     "LatentCache",
+    "LowRankKeyCache",
+    "PackedKVCache",
     "cache_lengths",
     "cache_nbytes",
     "layer_access",
