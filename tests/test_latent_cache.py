@@ -9,6 +9,7 @@ from evaluation.latent_cache_bytes import deepseek_v2_lite_config, measured_byte
 from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access, make_cache
 from pikv_press.attention.latent import enable_latent_attention, is_latent_attention_enabled
 from pikv_press.cache.latent import LatentCache, LatentLayer, latent_bytes_per_token, match_rows, shared_rows
+from pikv_press.testing import build_model
 from tests.conftest import get_model
 
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
@@ -236,3 +237,18 @@ def test_presses_the_latent_cache_cannot_hold_raise():
         finally:
             for layer in model.model.layers:
                 layer.self_attn.masked_key_indices = None
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_bfloat16_error_no_worse_than_stock(family):
+    """In bf16 the latent path (absorption and softmax in float32) is as close to the float32 model as the stock one."""
+    ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(6))
+    model16 = build_model(family).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = get_model(family)(ids).logits
+        stock = model16(ids, past_key_values=DynamicCache()).logits.float()
+        with enable_latent_attention(model16):
+            latent = model16(ids, past_key_values=LatentCache(model16.config)).logits.float()
+    stock_error, latent_error = (stock - reference).abs().mean(), (latent - reference).abs().mean()
+    assert latent.dtype == torch.float32 and stock_error > 0
+    assert latent_error <= 1.25 * stock_error

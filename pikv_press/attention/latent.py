@@ -127,12 +127,14 @@ def latent_attention_forward(
         latent, k_rope = past_key_values.update(latent, k_rope, m.layer_idx, {"cache_position": cache_position})
     weight = m.kv_b_proj.weight.view(heads, nope + v_dim, rank)  # (heads, nope + v, kv_lora_rank)
     w_uk, w_uv = weight[:, :nope], weight[:, nope:]
-    q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_uk.to(q_nope.dtype))
+    compute = torch.promote_types(q_nope.dtype, torch.float32)  # absorption and expansion in float32 at least
+    q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope.to(compute), w_uk.to(compute))
     mask = _fit_mask(attention_mask, latent.shape[-2])
     out_latent, _ = latent_attention(q_latent, q_rope, latent, k_rope, m.scaling, mask=mask,
                                      is_causal=mask is None and seq > 1)
-    out = torch.einsum("bhqr,hdr->bhqd", out_latent, w_uv.to(out_latent.dtype))  # (batch, heads, seq, v)
-    return m.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * v_dim)), None
+    out = torch.einsum("bhqr,hdr->bhqd", out_latent, w_uv.to(compute))  # (batch, heads, seq, v)
+    out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, seq, heads * v_dim)
+    return m.o_proj(out), None
 
 
 def _make_forward(module: nn.Module, layout: AttentionLayout):
