@@ -6,6 +6,9 @@ Importing this module registers the function with transformers' ``AttentionInter
     import pikv_press.attention  # registers "pikv_sharded"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="pikv_sharded")
 
+With ``ExpertShardedCache(distributed=True)`` the partials of each rank's shards are merged across ranks by one
+collective (:mod:`pikv_press.attention.distributed`).
+
 For each layer, every shard the queries read (all of them, or under routing-restricted decoding the local shard and
 the shards of the predicted experts) gives a partial result ``(out, lse)`` computed on the shard's device by
 :func:`pikv_press.kernels.sharded_attention.partial_attention`; attention sinks (GPT-OSS ``s_aux``) are one more
@@ -76,6 +79,17 @@ def _layer_partials(layer: ExpertShardedLayer, query: torch.Tensor, scaling: flo
         lses.append(lse.to(query.device))
         layer.bytes_read += rows.kv_nbytes()
     layer.unconsumed = False
+    if layer.world_size > 1:
+        from pikv_press.attention.distributed import distributed_merge
+
+        if outs:
+            out, lse = merge_partials(outs, lses)
+        else:  # this rank holds none of the shards read
+            q_heads, q_len = query.shape[1], query.shape[2]
+            out = query.new_zeros(1, q_heads, q_len, layer.value_dim)
+            lse = torch.full((1, q_heads, q_len), float("-inf"), device=query.device)
+        out, lse = distributed_merge(out, lse, layer.group)
+        outs, lses = [out], [lse]
     return outs, lses
 
 

@@ -128,8 +128,10 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
     is_compileable = False
 
     def __init__(self, layer_idx: int, num_experts: int, expert_devices: Sequence[torch.device] | None,
-                 sliding_window: int | None, sink_tokens: int, recent_tokens: int):
+                 sliding_window: int | None, sink_tokens: int, recent_tokens: int, rank: int = 0,
+                 world_size: int = 1, group=None):
         super().__init__()
+        self.rank, self.world_size, self.group = rank, world_size, group
         self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.expert_devices = list(expert_devices) if expert_devices else None
@@ -188,7 +190,7 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
 
     def reset(self) -> None:
         self.__init__(self.layer_idx, self.num_experts, self.expert_devices, self.sliding_window, self.sink_tokens,
-                      self.recent_tokens)
+                      self.recent_tokens, self.rank, self.world_size, self.group)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("ExpertShardedCache does not support beam search (batch size 1 only).")
@@ -220,6 +222,8 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         if not moving.n:
             return
         for expert in torch.unique(moving.expert).tolist():
+            if expert % self.world_size != self.rank:
+                continue  # another rank holds this expert's shard (it moves the same rows there)
             part = moving.select(moving.expert == expert)
             device = self.expert_device(expert)
             current = self.shards[expert]
@@ -274,6 +278,7 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the rows of ``keys``/``values`` (batch 1, kv_heads, seq, dim): each must be a row the layer holds
         (presses keep rows, in any order, per head); the others are freed."""
+        self._check_whole("write (a press)")
         if keys.shape[0] != 1 or keys.shape[1] != self.kv_heads:
             raise ValueError(f"write expects keys (1, {self.kv_heads}, seq, dim); got {tuple(keys.shape)}.")
         rows, counts = self._dense_order()
@@ -312,11 +317,17 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
 
     def remove(self, head_idx: torch.Tensor, seq_idx: torch.Tensor) -> None:
         """Free the rows at ``(head_idx, seq_idx)`` of :meth:`read`'s order (kvpress's ``masked_key_indices``)."""
+        self._check_whole("remove (a head-wise press)")
         rows, counts = self._dense_order()
         seq = int(counts[0]) if rows.n else 0
         drop = torch.zeros(rows.n, dtype=torch.bool)
         drop[(head_idx.long().cpu() * seq + seq_idx.long().cpu())] = True
         self._replace(rows.select(~drop.to(rows.keys.device)))
+
+    def _check_whole(self, what: str) -> None:
+        if self.world_size > 1:
+            raise ValueError(f"{what} needs every row of the layer, and this rank holds only its experts' shards: "
+                             "presses are not supported with distributed=True; compress before distributing.")
 
     def _replace(self, rows: Rows) -> None:
         self.local = Rows.empty(self.key_dim, self.value_dim, self.dtype, self.device)
@@ -327,6 +338,8 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
     def selected_shards(self) -> list[tuple[int | str, Rows]]:
         """The shards the current queries read: all, or local plus the predicted experts' (``query_experts``)."""
         shards = self.all_shards()
+        if self.rank != 0:  # the local shard is read once, by rank 0
+            shards = [(e, rows) for e, rows in shards if e != LOCAL]
         if self.query_experts is None:
             return shards
         wanted = set(self.query_experts.flatten().tolist())
@@ -432,12 +445,15 @@ class ExpertShardedCache(Cache):
     devices : expert ``e``'s shards live on ``devices[e % len(devices)]``; ``None``: the layer's device.
     sink_tokens : the first tokens kept in the local shard (attention sinks), >= 0.
     recent_tokens : the most recent tokens kept in the local shard, >= 0.
+    distributed : spread expert shards over the ranks of ``group`` (torch.distributed, initialised): expert ``e`` on
+        rank ``e % world_size``; see :mod:`pikv_press.attention.distributed`. Presses are refused then.
+    group : the process group (default: the world).
     read_top_k : routing-restricted decoding: a decoding query reads the local shard and the shards of its
         ``read_top_k`` predicted experts only (``None``: every shard, exact attention). Can be changed between steps.
     """
 
     def __init__(self, model: nn.Module, devices: Sequence[str | torch.device] | None = None, sink_tokens: int = 4,
-                 recent_tokens: int = 16, read_top_k: int | None = None):
+                 recent_tokens: int = 16, read_top_k: int | None = None, distributed: bool = False, group=None):
         anatomy = get_anatomy(model)
         if not anatomy.has_router:
             raise ValueError(f"ExpertShardedCache shards tokens by routed expert and needs an MoE model with a "
@@ -455,10 +471,18 @@ class ExpertShardedCache(Cache):
         self.num_experts = anatomy.num_experts
         self._read_top_k = None
         self.read_top_k = read_top_k
+        rank, world_size = 0, 1
+        if distributed:
+            if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+                raise ValueError("distributed=True needs torch.distributed initialised first "
+                                 "(torch.distributed.init_process_group, e.g. under torchrun).")
+            rank, world_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        self.rank, self.world_size = rank, world_size
         window = getattr(anatomy.config, "sliding_window", None)
         layers = [
             ExpertShardedLayer(idx, self.num_experts, self.expert_devices,
-                               window if idx in anatomy.sliding_layers else None, sink_tokens, recent_tokens)
+                               window if idx in anatomy.sliding_layers else None, sink_tokens, recent_tokens,
+                               rank, world_size, group)
             for idx in range(anatomy.num_layers)
         ]
         super().__init__(layers=layers)
