@@ -1,5 +1,7 @@
 """The latent cache of multi-head latent attention: exact logits, real bytes, composition with eviction presses."""
 
+import copy
+
 import pytest
 import torch
 from kvpress import AdaKVPress, DecodingPress, KnormPress, StreamingLLMPress
@@ -252,3 +254,15 @@ def test_bfloat16_error_no_worse_than_stock(family):
     stock_error, latent_error = (stock - reference).abs().mean(), (latent - reference).abs().mean()
     assert latent.dtype == torch.float32 and stock_error > 0
     assert latent_error <= 1.25 * stock_error
+
+
+def test_deepcopy_shares_the_projection_and_copies_the_latent():
+    model = get_model("deepseek_v2")
+    cache = LatentCache(model.config)
+    with torch.no_grad(), enable_latent_attention(model):
+        model(torch.randint(5, 300, (1, 5)), past_key_values=cache)
+    clone = copy.deepcopy(cache)
+    for layer, copied in zip(cache.layers, clone.layers, strict=True):
+        assert copied.kv_b_proj is layer.kv_b_proj
+        assert torch.equal(copied.latent, layer.latent) and copied.latent.data_ptr() != layer.latent.data_ptr()
+    assert cache_nbytes(clone) == cache_nbytes(cache)

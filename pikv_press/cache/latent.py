@@ -29,6 +29,7 @@ is 30.4 KiB per token instead of 270 KiB (8.9x), losslessly, since keys and valu
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ def require_latent_attention(config: PretrainedConfig) -> PretrainedConfig:
             "pikv_press.make_cache for this model."
         )
     return text_config
+
+
+_SHARED_ATTRS = ("kv_b_proj", "_last_read")
 
 
 class LatentLayer(DynamicLayer):
@@ -109,6 +113,15 @@ class LatentLayer(DynamicLayer):
                 )
         self._last_read = None
         return super().update(key_states, value_states, cache_kwargs)
+
+    def __deepcopy__(self, memo: dict) -> LatentLayer:
+        """A copy of the latent and rotary key that shares the model's ``kv_b_proj`` (no copy of the weights)."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            clone.__dict__[name] = value if name in _SHARED_ATTRS else copy.deepcopy(value, memo)
+        clone._last_read = None
+        return clone
 
     def decompress(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys ``(batch, heads, seq, qk_nope + qk_rope)`` and values ``(batch, heads, seq, v_head_dim)``
