@@ -254,6 +254,30 @@ def test_kvpress_decoding_press_through_chunked_prefill():
     assert cache_lengths(result.cache) == [20] * len(result.cache.layers)
     with pytest.raises(ValueError, match="target_size=16"):
         chunked_prefill(model, x, 16, 8, press)
+    # kvpress's DecodingPress around a policy that needs statistics: they are gathered too
+    h2o = DecodingPress(H2OPolicy(), compression_interval=1, target_size=20)
+    assert cache_lengths(chunked_prefill(model, x, 20, 10, h2o).cache) == [20] * len(result.cache.layers)
+
+
+def test_policy_as_a_prefill_press_uses_the_prefill_attention():
+    model = get_model("olmoe")
+    x = ids(11, 40)
+    policy = H2OPolicy(compression_ratio=0.5, recent_fraction=0.25)
+    cache = DynamicCache()
+    with torch.no_grad(), policy(model):
+        model(input_ids=x, past_key_values=cache)
+        kept = {layer: state.positions.clone() for layer, state in policy.states.items()}
+    assert cache_lengths(cache) == [20] * 3
+    # the kept tokens are the 5 most recent and the 15 of largest attention received during the prefill
+    eager = get_model("olmoe", "eager")
+    with torch.no_grad():
+        weights = eager(input_ids=x, output_attentions=True, past_key_values=DynamicCache()).attentions
+    for layer, positions in kept.items():
+        received = AttentionStep.from_probs(weights[layer], positions.shape[1]).received
+        for head in range(positions.shape[1]):
+            heavy = received[0, head, :35].topk(15).indices.sort().values.tolist()
+            assert positions[0, head].tolist() == heavy + list(range(35, 40))
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("policy_cls", [H2OPolicy, LRUPolicy, ExpertAwarePolicy, StreamingLLMPolicy])

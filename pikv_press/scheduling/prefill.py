@@ -12,7 +12,7 @@ explicitly), as with every kvpress press.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from transformers import Cache
 from pikv_press.cache import cache_nbytes, make_cache
 from pikv_press.compat import MoEAware, ragged_cache_masks
 from pikv_press.moe import language_model_of
+from pikv_press.scheduling.attention import stats_policies, track
 from pikv_press.scheduling.decoding import DecodingPolicyPress
 
 
@@ -116,7 +117,13 @@ def chunked_prefill(model: nn.Module, input_ids: torch.Tensor, budget: int | Non
 
     handles = [layer.self_attn.register_forward_hook(note_peak, with_kwargs=True) for layer in language_model.layers]
     try:
-        with press(model) if press is not None else nullcontext(), ragged_cache_masks(model):
+        with ExitStack() as stack:
+            if press is not None and not isinstance(press, DecodingPolicyPress):  # a kvpress DecodingPress given
+                for inner in stats_policies((press,)):
+                    inner.reset()
+                stack.enter_context(track(model, press))  # its base may be a policy that needs statistics
+            stack.enter_context(press(model) if press is not None else nullcontext())
+            stack.enter_context(ragged_cache_masks(model))
             total = input_ids.shape[1]
             for start in range(0, total, chunk_size):
                 stop = min(total, start + chunk_size)
