@@ -289,7 +289,8 @@ def plot(records: list[dict], memory: dict[str, dict[int, int]], path: Path) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192, help="essay tokens for perplexity (0: none)")
-    parser.add_argument("--budgets", default="512,1024", help="comma-separated cache budgets (tokens per layer)")
+    parser.add_argument("--budgets", default="1024,512", help="comma-separated cache budgets (tokens per layer), in "
+                        "the order they are run")
     parser.add_argument("--chunk", type=int, default=128, help="tokens per forward pass")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {POLICIES}")
     parser.add_argument("--memory_lengths", default="16384", help="comma-separated contexts of the memory runs")

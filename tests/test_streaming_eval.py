@@ -61,3 +61,22 @@ def test_report_prints_table_and_writes_plot(tmp_path, capsys):
     assert plot.stat().st_size > 0
     with pytest.raises(SystemExit):
         streaming.main(["--policies", "nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_embedded_model_bounded_prefill_and_policies():
+    """On the embedded MoE: a budget above the context changes nothing (bit for bit against the same chunks without
+    a policy), every layer holds the budget after a bounded prefill, and the expert-aware policy runs on its
+    routing."""
+    from evaluation.models import EMBEDDED, load_model
+    from pikv_press.cache import cache_lengths
+    from pikv_press.scheduling import ExpertAwarePolicy, H2OPolicy, chunked_prefill
+
+    model, tokenizer, _ = load_model(EMBEDDED)
+    ids = streaming.essay_tokens(tokenizer, 384)
+    plain = chunked_prefill(model, ids, None, 128, logits=True)
+    same = chunked_prefill(model, ids, 512, 128, H2OPolicy(), logits=True)
+    assert torch.equal(plain.last_logits, same.last_logits)
+    bounded = chunked_prefill(model, ids, 128, 64, ExpertAwarePolicy(), logits=True)
+    assert cache_lengths(bounded.cache) == [128] * model.config.num_hidden_layers
+    assert bounded.peak_kv_bytes < plain.peak_kv_bytes / 2
