@@ -10,17 +10,20 @@ after RoPE) shared by every head. Head ``h``'s key is ``[W_uk[h] @ c, k_rope]`` 
 
 so attention reads the latent directly and never materialises per-head keys or values. This module computes the two
 lines above (the absorption of the query and the value expansion are done by the caller,
-:mod:`pikv_press.attention.latent`); it is the CPU path and the test oracle of a later Triton kernel, which keeps the
-signature of :func:`latent_attention`.
+:mod:`pikv_press.attention.latent`); it is the CPU path and the test oracle of the Triton kernel
+(:mod:`pikv_press.kernels.latent_attention_triton`, split-K decode, chosen by ``backend``/``$PIKV_KERNELS``; run so far
+only through the Triton interpreter on the CPU, never compiled on a GPU here).
 
 Implemented: any number of queries (decoding and prefill), an optional boolean or additive mask, bottom-right
 causal masking, rows with no visible key (output 0, ``lse = -inf``). Not implemented: dropout, attention weights as
-an output (they are ``exp(logit - lse)`` if needed), a Triton kernel.
+an output (they are ``exp(logit - lse)`` if needed).
 """
 
 from __future__ import annotations
 
 import torch
+
+from pikv_press.kernels._dispatch import triton_module, use_triton
 
 
 def latent_attention(
@@ -31,6 +34,7 @@ def latent_attention(
     scaling: float,
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of absorbed queries over the latent cache: ``(out_latent, lse)``.
 
@@ -47,6 +51,10 @@ def latent_attention(
     * ``is_causal``: query ``i`` sees keys ``0 .. K - Q + i`` (the queries are the last ``Q`` tokens), combined with
       ``mask`` when both are given.
 
+    * ``backend``: ``None`` (``$PIKV_KERNELS``), ``"auto"``, ``"torch"`` or ``"triton"``
+      (:mod:`pikv_press.kernels._dispatch`; the Triton path is :mod:`pikv_press.kernels.latent_attention_triton`,
+      float32/float16/bfloat16 inputs).
+
     Returns ``out_latent`` ``(B, H, Q, R)`` in the dtype of ``q_latent`` and ``lse`` ``(B, H, Q)`` in float32: the
     natural-log sum of ``exp(logit)`` over the visible keys (``-inf`` and an output of zeros where no key is visible).
     Logits and the softmax are computed in float32 (at least), whatever the input dtype.
@@ -61,6 +69,12 @@ def latent_attention(
     if q_latent.shape[-1] != latent.shape[-1] or q_rope.shape[-1] != rope_key.shape[-1]:
         raise ValueError(f"query widths {q_latent.shape[-1]} + {q_rope.shape[-1]} do not match the cache's "
                          f"kv_lora_rank {latent.shape[-1]} + rope dim {rope_key.shape[-1]}.")
+    half_or_single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                         for t in (q_latent, q_rope, latent, rope_key))
+    if use_triton(q_latent, q_rope, latent, rope_key, backend=backend, supported=half_or_single,
+                  why_unsupported="float64 inputs"):
+        return triton_module("latent_attention_triton").latent_attention(q_latent, q_rope, latent, rope_key, scaling,
+                                                                          mask, is_causal)
     compute = torch.promote_types(q_latent.dtype, torch.float32)
     # (B, H, Q, K): the latent and the rotary key are shared by every head (a single "KV head" of width R + Dr)
     logits = torch.einsum("bhqr,bkr->bhqk", q_latent.to(compute), latent.to(compute))

@@ -16,12 +16,17 @@ The agreed format (KIVI, arXiv 2402.02750, asymmetric min/max quantization in gr
 KIVI layout: keys are grouped per channel along the token axis (``axis=-2`` of ``(batch, kv_heads, seq,
 head_dim)``), values per token along ``head_dim`` (``axis=-1``). Packing is along the last dimension in both cases.
 
-Only the torch reference is implemented here; a Triton kernel (issue 14) goes beside it.
+This is the torch reference; :func:`quantize` dispatches to the Triton kernel of
+:mod:`pikv_press.kernels.lowbit_triton` (same bits; ``backend``/``$PIKV_KERNELS``), and decode attention that
+dequantizes on the fly is :mod:`pikv_press.kernels.lowbit_attention`. The kernels have run only through the Triton
+interpreter on the CPU, never compiled on a GPU here.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pikv_press.kernels._dispatch import requested_backend, triton_module, use_triton
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -103,14 +108,16 @@ def _check_group(length: int, group_size: int, axis: int, shape: tuple[int, ...]
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, axis: int
+    x: torch.Tensor, bits: int, group_size: int, axis: int, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` in groups of ``group_size`` consecutive elements along ``axis`` and pack the codes.
 
     Returns ``(packed, scale, zero)``: ``packed`` is ``uint8`` with the last dimension packed
     (``packed_length(x.shape[-1], bits)`` bytes); ``scale`` and ``zero`` have ``x``'s dtype and shape except
     ``axis``, which has ``x.shape[axis] // group_size`` groups. ``ValueError`` if ``bits`` is not 2, 4 or 8 or
-    ``group_size`` does not divide the axis.
+    ``group_size`` does not divide the axis. ``backend``: ``None`` (``$PIKV_KERNELS``), ``"auto"``, ``"torch"`` or
+    ``"triton"`` (:mod:`pikv_press.kernels.lowbit_triton`: the same bits; axes -1 with a power-of-two group size and
+    -2 only, others take this reference under ``auto``).
     """
     _check_bits(bits)
     if not torch.is_floating_point(x):
@@ -120,6 +127,14 @@ def quantize(
     axis = axis % x.dim() if -x.dim() <= axis < x.dim() else _bad_axis(axis, x.dim())
     length = x.shape[axis]
     _check_group(length, group_size, axis, tuple(x.shape))
+    if use_triton(x, backend=backend):
+        kernel = triton_module("lowbit_triton")
+        supported, why = kernel.quantize_supported(x, group_size, axis)
+        if supported:
+            return kernel.quantize(x, bits, group_size, axis)
+        if requested_backend(backend) == "triton":
+            raise RuntimeError(f"the Triton quantize kernel does not handle {why}: use the torch reference "
+                               "(PIKV_KERNELS=auto or torch).")
     levels = (1 << bits) - 1
     moved = x.movedim(axis, -1)
     grouped = moved.reshape(*moved.shape[:-1], length // group_size, group_size)

@@ -18,8 +18,9 @@ PiKV's expert-sharded cache, where each shard may sit on its own device or rank.
   with no value): ``out = 0`` and ``lse = sink``. Merging it with the key shards gives sink attention exactly.
 * :func:`merge_partials` merges any number of partials; shards with ``lse = -inf`` are ignored.
 
-This module is the CPU path and the test oracle; a Triton kernel may be added beside it later (see
-``pikv_press.kernels``). Dropout and soft-capping are not implemented.
+This module is the CPU path and the test oracle of the Triton kernels (split-K decode attention and the merge,
+:mod:`pikv_press.kernels.sharded_attention_triton`, chosen by ``backend``/``$PIKV_KERNELS``; run so far only through the
+Triton interpreter on the CPU, never compiled on a GPU here). Dropout and soft-capping are not implemented.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from pikv_press.kernels._dispatch import triton_module, use_triton
 
 __all__ = ["partial_attention", "merge_partials", "sink_partial"]
 
@@ -60,6 +63,7 @@ def partial_attention(
     value: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``query`` over one shard of keys, with the log of its softmax denominator.
 
@@ -70,6 +74,9 @@ def partial_attention(
         scaling: multiplier of the logits (usually ``head_dim ** -0.5``).
         mask: optional, broadcastable to ``(batch, q_heads, q_len, k_len)``: boolean (True = attend) or additive
             float (0 = attend, ``-inf`` or a large negative number = masked).
+        backend: ``None`` (``$PIKV_KERNELS``), ``"auto"``, ``"torch"`` or ``"triton"``
+            (:mod:`pikv_press.kernels._dispatch`; the Triton path is split-K decode attention,
+            :mod:`pikv_press.kernels.sharded_attention_triton`).
 
     Returns:
         ``out`` ``(batch, q_heads, q_len, value_dim)`` in the dtype of ``query`` and ``lse`` ``(batch, q_heads,
@@ -77,6 +84,8 @@ def partial_attention(
         The arithmetic is done in float32 whatever the input dtype.
     """
     kv_heads, group = _check_shapes(query, key, value)
+    if use_triton(query, key, value, backend=backend):
+        return triton_module("sharded_attention_triton").partial_attention(query, key, value, scaling, mask)
     batch, q_heads, q_len, _ = query.shape
     k_len, value_dim = key.shape[2], value.shape[-1]
     out_dtype = query.dtype
@@ -122,7 +131,7 @@ def sink_partial(sinks: torch.Tensor, like_out: torch.Tensor) -> tuple[torch.Ten
 
 
 def merge_partials(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log-sum-exp merge of partial attention results over disjoint key shards.
 
@@ -137,6 +146,8 @@ def merge_partials(
     """
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(f"merge_partials needs as many lses as outs, at least one; got {len(outs)} and {len(lses)}.")
+    if use_triton(*outs, *lses, backend=backend):  # backend: as partial_attention's
+        return triton_module("sharded_attention_triton").merge_partials(outs, lses)
     device, out_dtype = outs[0].device, outs[0].dtype
     lse_stack = torch.stack([lse.to(device=device, dtype=torch.float32) for lse in lses])  # (n, B, H, Q)
     merged = torch.logsumexp(lse_stack, dim=0)
