@@ -199,3 +199,33 @@ def test_hooks_removed_on_close_and_garbage_collection():
     assert anatomy.num_layers == len(ExpertShardedCache(model).layers)
     gc.collect()
     assert hook_count() == before
+
+
+def test_restricted_reads_of_a_multi_token_forward():
+    """Under read_top_k each query of a multi-token forward reads its own predicted shards: reading all experts'
+    shards equals unrestricted attention, one expert per query reads fewer bytes; queries that do not read a shard
+    get nothing from it (lse = -inf) and the others get exactly the shard's partial."""
+    from pikv_press.attention.sharded import shard_partial
+
+    model = model_of("olmoe", "pikv_sharded")
+    ids = token_ids(3, PREFILL + 4)
+    logits, read = {}, {}
+    for top_k in (None, model.config.num_experts, 1):
+        with ExpertShardedCache(model, sink_tokens=1, recent_tokens=2) as cache, torch.no_grad():
+            model(ids[:, :PREFILL], past_key_values=cache)
+            cache.read_top_k = top_k
+            cache.reset_bytes_read()
+            logits[top_k] = model(ids[:, PREFILL:], past_key_values=cache).logits
+            read[top_k] = cache.bytes_read
+            rows = next(rows for e, rows in cache.layers[-1].all_shards() if e != LOCAL)
+    torch.testing.assert_close(logits[model.config.num_experts], logits[None], **TOL)
+    assert read[1] < read[None] == read[model.config.num_experts]
+    assert not torch.allclose(logits[1], logits[None])
+    query = torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(0))
+    q_index = torch.full((3,), 10**6)
+    readers = torch.tensor([True, False, True])
+    out_all, lse_all = shard_partial(rows, query, 0.25, q_index, 2)
+    out, lse = shard_partial(rows, query, 0.25, q_index, 2, readers=readers)
+    assert torch.isneginf(lse[:, :, 1]).all() and (out[:, :, 1] == 0).all()
+    torch.testing.assert_close(out[:, :, readers], out_all[:, :, readers], **TOL)
+    torch.testing.assert_close(lse[:, :, readers], lse_all[:, :, readers], **TOL)

@@ -46,14 +46,17 @@ def _allowed(rows: Rows, q_index: torch.Tensor, window: int | None) -> torch.Ten
 
 
 def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torch.Tensor, kv_heads: int,
-                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  window: int | None = None, readers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention ``(out, lse)`` of ``query`` (1, q_heads, q_len, key_dim) over one shard's rows, on the
-    shard's device. Rows of kv head ``h`` are seen by query heads ``h * g ... (h + 1) * g - 1`` (GQA)."""
+    shard's device. Rows of kv head ``h`` are seen by query heads ``h * g ... (h + 1) * g - 1`` (GQA); ``readers``
+    (q_len,) bool, when given, are the queries that read this shard (the others get ``lse = -inf``)."""
     device = rows.keys.device
     query = query.to(device)
     q_heads, q_len = query.shape[1], query.shape[2]
     group = q_heads // kv_heads
     allowed = _allowed(rows, q_index, window)  # (q_len, n)
+    if readers is not None:
+        allowed &= readers.to(device).view(-1, 1)
     if q_len == 1:  # decoding: one product over all heads' rows, rows of other heads masked
         owner = torch.arange(q_heads, device=device).div(group, rounding_mode="floor")
         mask = (rows.heads.view(1, -1) == owner.view(-1, 1)) & allowed  # (q_heads, n)
@@ -73,8 +76,8 @@ def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torc
 
 def _layer_partials(layer: ExpertShardedLayer, query: torch.Tensor, scaling: float, window: int | None):
     outs, lses = [], []
-    for _, rows in layer.selected_shards():
-        out, lse = shard_partial(rows, query, scaling, layer.query_index, layer.kv_heads, window)
+    for _, rows, readers in layer.selected_shards():
+        out, lse = shard_partial(rows, query, scaling, layer.query_index, layer.kv_heads, window, readers)
         outs.append(out.to(query.device))
         lses.append(lse.to(query.device))
         layer.bytes_read += rows.kv_nbytes()

@@ -26,9 +26,11 @@ What is implemented:
   head-wise masks (``module.masked_key_indices``, set by ``AdaKVPress``, ``CriticalAdaKVPress``, ``DMSPress``...) are
   applied as real removals when the forward pass ends, and cleared.
 * **Attention.** Only ``attn_implementation="pikv_sharded"`` (:mod:`pikv_press.attention.sharded`) reads the shards;
-  the cache refuses a model with another attention. ``read_top_k`` (routing-restricted decoding): a decoding query
-  reads only the shards of the ``read_top_k`` experts its layer's router predicts from the attention input, plus the
-  local shard; ``None`` reads every shard (exact attention). ``bytes_read`` counts the KV bytes each forward read.
+  the cache refuses a model with another attention. ``read_top_k`` (routing-restricted reading): while it is set,
+  every query (of a decoding step, or each token of a multi-token forward) reads only the shards of the
+  ``read_top_k`` experts its layer's router predicts from the query token's attention input, plus the local shard
+  (sinks, recent tokens and the tokens of the current forward); ``None`` reads every shard (exact attention). Set it
+  after the context's prefill to restrict what comes after. ``bytes_read`` counts the KV bytes each forward read.
 
 Not implemented: batch size > 1 (``ValueError``); beam search, ``crop`` and cache reordering; kvpress presses that
 read or write ``layer.keys`` directly (kvpress's own pipeline trims answers that way, DecodingPress reads that way:
@@ -221,6 +223,7 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         moving = rows.select(~stay)
         if not moving.n:
             return
+        self.shards = list(self.shards)  # a new list: a saved state (pikv_press.answer.save_cache) keeps the old one
         for expert in torch.unique(moving.expert).tolist():
             if expert % self.world_size != self.rank:
                 continue  # another rank holds this expert's shard (it moves the same rows there)
@@ -335,15 +338,25 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         self._place(rows)
 
     # -- attention -------------------------------------------------------------------------------------------------
-    def selected_shards(self) -> list[tuple[int | str, Rows]]:
-        """The shards the current queries read: all, or local plus the predicted experts' (``query_experts``)."""
+    def selected_shards(self) -> list[tuple[int | str, Rows, torch.Tensor | None]]:
+        """``(shard, rows, readers)`` of the shards the current queries read: every shard (``readers`` None), or
+        under routing-restricted reading the local shard (read by every query) and each shard of an expert that some
+        query's predicted experts (``query_experts`` (q_len, k)) include, with ``readers`` (q_len,) bool: the queries
+        that read it."""
         shards = self.all_shards()
         if self.rank != 0:  # the local shard is read once, by rank 0
             shards = [(e, rows) for e, rows in shards if e != LOCAL]
         if self.query_experts is None:
-            return shards
-        wanted = set(self.query_experts.flatten().tolist())
-        return [(e, rows) for e, rows in shards if e == LOCAL or e in wanted]
+            return [(e, rows, None) for e, rows in shards]
+        selected = []
+        for expert, rows in shards:
+            if expert == LOCAL:
+                selected.append((expert, rows, None))
+                continue
+            readers = (self.query_experts == expert).any(dim=-1)
+            if bool(readers.any()):
+                selected.append((expert, rows, None if bool(readers.all()) else readers))
+        return selected
 
 
 # -- the cache ---------------------------------------------------------------------------------------------------
@@ -372,6 +385,18 @@ def _routing_source(anatomy, layer_idx: int) -> int:
     from pikv_press.compat import routing_source_layer  # compat imports kvpress: only when a cache is built
 
     return routing_source_layer(anatomy, layer_idx)
+
+
+def predicted_experts(anatomy, layer_idx: int, hidden_states: torch.Tensor, k: int) -> torch.Tensor:
+    """``(tokens, k)`` experts layer ``layer_idx``'s router predicts for ``hidden_states`` (the attention input): the
+    experts it would select, best first, then (for ``k`` above the model's top-k) the others by router probability."""
+    routing = anatomy.route(layer_idx, hidden_states)
+    ids = routing.topk_ids
+    if k <= ids.shape[1]:
+        return ids[:, :k]
+    chosen = torch.zeros_like(routing.probs, dtype=torch.bool).scatter_(1, ids, True)
+    rest = routing.probs.masked_fill(chosen, float("-inf")).topk(k - ids.shape[1], dim=-1).indices
+    return torch.cat([ids, rest], dim=-1)
 
 
 class _ModelHooks:
@@ -420,11 +445,11 @@ class _ModelHooks:
                 return
             layer = cache.layers[layer_idx]
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if cache.read_top_k is None or hidden is None or hidden.shape[1] != 1 or layer.sliding_window is not None:
+            if cache.read_top_k is None or hidden is None or layer.sliding_window is not None:
                 layer.query_experts = None
                 return
-            routing = self.anatomy.route(cache.routing_source[layer_idx], hidden)
-            layer.query_experts = routing.topk_ids[:, : cache.read_top_k]
+            layer.query_experts = predicted_experts(self.anatomy, cache.routing_source[layer_idx], hidden,
+                                                    cache.read_top_k)
 
         return hook
 
