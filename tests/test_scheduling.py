@@ -378,3 +378,25 @@ def test_nothing_left_behind_when_forward_raises():
     # and the model still runs as before
     with torch.no_grad():
         model(input_ids=ids(10, 5))
+
+
+def test_generate_keeps_the_budget():
+    model = get_model("qwen3_moe")
+    x = ids(12, 30)
+    cache, lengths = DynamicCache(), []
+
+    def note(module, args, kwargs, output):
+        lengths.append(kwargs["past_key_values"].get_seq_length(module.layer_idx))
+
+    handle = model.model.layers[1].self_attn.register_forward_hook(note, with_kwargs=True)
+    try:
+        with DecodingPolicyPress(LFUPolicy(), compression_interval=1, target_size=16)(model):
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                 past_key_values=cache, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert out.shape == (1, 42)
+    # seen by each attention before the press: the prompt, prompt + 1, then never more than budget + 1
+    assert lengths[:2] == [30, 31] and set(lengths[2:]) == {17}
+    assert cache_lengths(cache) == [16, 16, 16]
+    assert model.config._attn_implementation == "sdpa"
