@@ -102,13 +102,16 @@ def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None
 
     total = {"nll": 0.0, "count": 0}
     targets = ids[0]
+    token_nll = torch.zeros(targets.numel())  # loss of predicting token i + 1 from the tokens up to i
 
     def score(start: int, logits: torch.Tensor) -> None:
         stop = min(start + logits.shape[1], targets.numel() - 1)
         if stop <= start:
             return
         log_probs = torch.log_softmax(logits[0, : stop - start].float(), dim=-1)
-        total["nll"] -= float(log_probs.gather(1, targets[start + 1 : stop + 1, None]).sum())
+        losses = -log_probs.gather(1, targets[start + 1 : stop + 1, None])[:, 0]
+        token_nll[start:stop] = losses
+        total["nll"] += float(losses.sum())
         total["count"] += stop - start
 
     quest = policy_name == "quest"
@@ -125,6 +128,9 @@ def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None
               "peak_kv_bytes_at": peaks, "seconds": round(seconds, 1)}
     if with_logits:
         record.update(nll=total["nll"], predicted=total["count"], ppl=math.exp(total["nll"] / total["count"]))
+        edges = [0, *[c for c in CHECKPOINTS if c < total["count"]], total["count"]]
+        record["ppl_by_segment"] = {f"{a}-{b}": math.exp(float(token_nll[a:b].mean())) for a, b in
+                                    zip(edges[:-1], edges[1:], strict=True)}
     return record
 
 
@@ -218,6 +224,7 @@ def report(args) -> str:
                 if any(c != "not run" for c in cells):
                     lines.append(f"| {LABELS[policy]} | " + " | ".join(cells) + " |")
             lines.append("")
+            segment_table(lines, rows, reference)
     memory = memory_points(records, args.memory_policy)
     if memory:
         lines.append("Peak KV memory (MiB) against context length (chunks of "
@@ -233,6 +240,23 @@ def report(args) -> str:
     text = "\n".join(lines)
     plot(records, memory, args.plot)
     return text
+
+
+def segment_table(lines: list[str], rows: list[dict], reference: dict | None) -> None:
+    """Perplexity of the tokens in each stretch of the stream (accuracy against context length), per run."""
+    runs = ([reference] if reference else []) + [r for r in rows if r["policy"] != "full"]
+    runs = [r for r in runs if r.get("ppl_by_segment")]
+    if not runs:
+        return
+    segments = list(runs[0]["ppl_by_segment"])
+    lines.append("Perplexity of the tokens predicted in each stretch of the stream (by position):")
+    lines.append("")
+    lines.append("| policy | budget | " + " | ".join(segments) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in segments) + " |")
+    for r in runs:
+        values = " | ".join(f"{r['ppl_by_segment'].get(s, float('nan')):.3f}" for s in segments)
+        lines.append(f"| {LABELS[r['policy']]} | {r['budget'] if r['budget'] else '-'} | {values} |")
+    lines.append("")
 
 
 def memory_points(records: list[dict], policy: str) -> dict[str, dict[int, int]]:

@@ -22,6 +22,7 @@ def test_full_cache_streaming_perplexity_is_the_models_perplexity():
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
     full = streaming.streaming_run(model, ids, "full", None, 16, with_logits=True)
     assert full["predicted"] == 63
+    assert full["ppl_by_segment"] == {"0-63": pytest.approx(full["ppl"], rel=1e-6)}
     assert math.isclose(full["ppl"], math.exp(float(nll) / 63), rel_tol=1e-5)
     # a budget above the context evicts nothing: the same perplexity, bit for bit as the full run
     for policy in ("h2o", "kvpress_knorm", "quest"):
@@ -47,7 +48,8 @@ def test_report_prints_table_and_writes_plot(tmp_path, capsys):
         {"study": "ppl", "model": "m", "policy": "full", "budget": None, "chunk": 128, "tokens": 8192, "ppl": 10.0,
          "peak_kv_bytes": 2**20 * 180, "peak_kv_bytes_at": {"2048": 2**20 * 45}, "label": "tiny"},
         {"study": "ppl", "model": "m", "policy": "h2o", "budget": 1024, "chunk": 128, "tokens": 8192, "ppl": 10.3,
-         "peak_kv_bytes": 2**20 * 23, "peak_kv_bytes_at": {"2048": 2**20 * 23}, "label": "tiny"},
+         "peak_kv_bytes": 2**20 * 23, "peak_kv_bytes_at": {"2048": 2**20 * 23}, "label": "tiny",
+         "ppl_by_segment": {"0-2048": 9.0, "2048-8191": 11.0}},
         {"study": "memory", "model": "m", "policy": "h2o", "budget": 1024, "chunk": 128, "tokens": 16384,
          "peak_kv_bytes": 2**20 * 23, "label": "tiny"},
     ]
@@ -58,6 +60,7 @@ def test_report_prints_table_and_writes_plot(tmp_path, capsys):
     assert "python -m evaluation.streaming" in text
     assert "| H2OPolicy | 10.300 (+3.0%), 23.0 MiB |" in text
     assert "| bounded prefill, budget 1024 | 23.0 | 23.0 |" in text
+    assert "| H2OPolicy | 1024 | 9.000 | 11.000 |" in text
     assert plot.stat().st_size > 0
     with pytest.raises(SystemExit):
         streaming.main(["--policies", "nope", "--out", str(tmp_path)])
