@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from kvpress import AdaKVPress, DecodingPress, KnormPress, StreamingLLMPress
+from kvpress import AdaKVPress, DecodingPress, KnormPress, PyramidKVPress, StreamingLLMPress
 from transformers import DynamicCache, pipeline
 
 from evaluation.latent_cache_bytes import deepseek_v2_lite_config, measured_bytes_per_token_and_layer
-from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access, make_cache
+from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access, make_cache, ragged_cache_masks
 from pikv_press.attention.latent import enable_latent_attention, is_latent_attention_enabled
 from pikv_press.cache.latent import LatentCache, LatentLayer, latent_bytes_per_token, match_rows, shared_rows
 from pikv_press.testing import build_model
@@ -179,7 +179,9 @@ def test_knorm_on_latent_cache(family):
         per_head = [norms[h].topk(10, largest=False).indices.tolist() for h in range(norms.shape[0])]
         disagreements += len({frozenset(head) for head in per_head}) > 1
         rows = torch.tensor(_votes(per_head, 10))
-        assert torch.equal(latent.layers[layer_idx].latent[0, 0], full_latent.layers[layer_idx].latent[0, 0, rows])
+        kept, everything = latent.layers[layer_idx], full_latent.layers[layer_idx]
+        assert torch.equal(kept.latent[0, 0], everything.latent[0, 0, rows])
+        assert torch.equal(kept.rope_key[0, 0], everything.rope_key[0, 0, rows])
         layer.keys, layer.values = layer.keys[:, :, rows], layer.values[:, :, rows]  # the same tokens, every head
     assert disagreements > 0  # the vote is exercised
     torch.testing.assert_close(_next_logits(model, latent, tokens, True), _next_logits(model, full, tokens, False),
@@ -266,3 +268,26 @@ def test_deepcopy_shares_the_projection_and_copies_the_latent():
         assert copied.kv_b_proj is layer.kv_b_proj
         assert torch.equal(copied.latent, layer.latent) and copied.latent.data_ptr() != layer.latent.data_ptr()
     assert cache_nbytes(clone) == cache_nbytes(cache)
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_ragged_press_on_latent_cache_decodes_like_stock_with_the_same_tokens(family):
+    """PyramidKV leaves layers of different lengths: decoding from the latent cache equals decoding from a stock cache
+    holding, in every head of each layer, the tokens the latent layer kept."""
+    model = get_model(family)
+    ids, tokens = torch.randint(5, 300, (1, 40)), torch.randint(5, 300, (1, 2))
+    full, full_latent, latent = DynamicCache(), LatentCache(model.config), LatentCache(model.config)
+    _prefill(model, ids, full)
+    _prefill(model, ids, full_latent, latent=True)
+    _prefill(model, ids, latent, PyramidKVPress(0.5, window_size=4), latent=True)
+    lengths = cache_lengths(latent)
+    assert len(set(lengths)) > 1 and sum(lengths) == sum(cache_lengths(full)) // 2
+    for layer, full_layer, latent_layer in zip(full.layers, full_latent.layers, latent.layers, strict=True):
+        # positions of the kept tokens (latent and rotary key: a token's latent alone repeats in layer 0)
+        rows = match_rows(torch.cat([full_layer.latent, full_layer.rope_key], dim=-1),
+                          torch.cat([latent_layer.latent, latent_layer.rope_key], dim=-1))[0, 0]
+        layer.keys, layer.values = layer.keys[:, :, rows], layer.values[:, :, rows]
+    with ragged_cache_masks(model):
+        expected = _next_logits(model, full, tokens, False)
+        got = _next_logits(model, latent, tokens, True)
+    torch.testing.assert_close(got, expected, **TOL)
