@@ -83,6 +83,7 @@ PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "expert_balanced_tova": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress()),
     "router_affinity_tova": lambda: pikv_presses.RouterAffinityPress(press=kp.TOVAPress()),
     "routing_novelty_tova": lambda: pikv_presses.RoutingNoveltyPress(press=kp.TOVAPress()),
+    "layer_budget_tova": lambda: pikv_presses.RoutingLayerBudgetPress(press=kp.TOVAPress()),
 }
 
 # Variants for ablations (not in the demo): routing predicted from the attention input, features alone.

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output_dir", default="results/routing_ablation")
+    parser.add_argument("--output_dir", default="measurements/routing_ablation")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--pool_with", default="",
                         help="chunk files of other runs (another task list) whose samples of --tasks are pooled too")

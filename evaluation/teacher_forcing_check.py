@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,qa_1"
 DEFAULT_PRESSES = "no_press,snapkv,streaming_llm"
-DEFAULT_OUT = Path("results/teacher_forcing")
+DEFAULT_OUT = Path("measurements/teacher_forcing")
 
 
 def interleave(frame: pd.DataFrame) -> pd.DataFrame:

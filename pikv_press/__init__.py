@@ -16,7 +16,8 @@ Public API
 - :func:`make_cache`, :func:`layer_access`, :func:`cache_nbytes` / :func:`cache_lengths`: caches by name, the one
   cache-layer interface, and what a cache really holds.
 - :class:`PiKVPress` (today TOVA made MoE-correct: routing did not help in the first ablation) and the experimental
-  routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`.
+  routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
+  :class:`RoutingLayerBudgetPress`.
 - :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).
 """
 
@@ -36,7 +37,13 @@ from pikv_press.moe import (
     supported_families,
     use_dense_masked_experts,
 )
-from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
+from pikv_press.presses import (
+    ExpertBalancedPress,
+    PiKVPress,
+    RouterAffinityPress,
+    RoutingLayerBudgetPress,
+    RoutingNoveltyPress,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +57,7 @@ __all__ = [
     "RouterScoring",
     "RouterTap",
     "Routing",
+    "RoutingLayerBudgetPress",
     "RoutingNoveltyPress",
     "RoutingRecorder",
     "cache_lengths",

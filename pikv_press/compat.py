@@ -234,6 +234,18 @@ def needs_routing(press: BasePress) -> bool:
     return any(bool(getattr(p, "needs_routing", False)) for p in inner_presses(press))
 
 
+def plan_layers(press: BasePress, routing: dict, layers: list[int]) -> None:
+    """Let every press nested in ``press`` that budgets across layers (``needs_all_layers``) plan from the context
+    routing of every MoE layer; called once the whole prefill has been routed (live hooks and replay alike)."""
+    for inner in inner_presses(press):
+        if getattr(inner, "needs_all_layers", False):
+            inner.plan_layers(routing, layers)
+
+
+def _needs_all_layers(press: BasePress) -> bool:
+    return any(bool(getattr(p, "needs_all_layers", False)) for p in inner_presses(press))
+
+
 def routing_source_layer(anatomy: MoEAnatomy, layer_idx: int) -> int:
     """The MoE layer whose routing layer ``layer_idx`` uses: itself, or for a dense layer the nearest MoE layer (the
     earlier one on a tie)."""
@@ -251,6 +263,9 @@ class _RoutedHooks:
         self.anatomy = anatomy
         self.views = views
         self.source = {idx: routing_source_layer(anatomy, idx) for idx in views}
+        self.all_layers = _needs_all_layers(press)
+        if self.all_layers:  # budgets across layers: every layer waits for the routing of the last MoE layer
+            self.source = dict.fromkeys(views, max(anatomy.moe_layers))
         self.recorder = RoutingRecorder(anatomy.model)
         self.pending: dict[int, tuple] = {}
 
@@ -287,6 +302,9 @@ class _RoutedHooks:
 
     def _layer_hook(self, layer_idx: int):
         def hook(module, args, output) -> None:
+            if self.all_layers and self.pending and max(self.source.values()) <= layer_idx:
+                plan_layers(self.press, {m: self.recorder.routing(m) for m in self.anatomy.moe_layers},
+                            sorted(self.views))
             while self.pending:
                 first = min(self.pending)
                 if self.source[first] > layer_idx:

@@ -107,7 +107,10 @@ class PrefillSnapshot:
                 if routed and not self.routing:
                     raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
                                      "holds none: record the prefill with PrefillRecorder on an MoE model.")
-                for idx, view in compat.make_views(anatomy).items():
+                views = compat.make_views(anatomy)
+                if routed:
+                    compat.plan_layers(press, self.routing, sorted(views))
+                for idx, view in views.items():
                     kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
                     if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
                         kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]

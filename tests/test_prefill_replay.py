@@ -20,7 +20,13 @@ from transformers import DynamicCache, pipeline
 
 from pikv_press import MoEAware, get_anatomy
 from pikv_press.prefill import PrefillRecorder, can_replay
-from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
+from pikv_press.presses import (
+    ExpertBalancedPress,
+    PiKVPress,
+    RouterAffinityPress,
+    RoutingLayerBudgetPress,
+    RoutingNoveltyPress,
+)
 from pikv_press.testing import VOCAB, build_tokenizer
 from tests.conftest import get_model
 
@@ -50,6 +56,7 @@ ROUTING_PRESSES = {
     "routing_novelty_tova": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
     "composed": lambda: MoEAware(ComposedPress([RoutingNoveltyPress(0.25), StreamingLLMPress(0.25, n_sink=2)])),
     "adakv": lambda: MoEAware(AdaKVPress(RouterAffinityPress(0.5, press=KnormPress()))),
+    "layer_budget_tova": lambda: RoutingLayerBudgetPress(0.5, press=TOVAPress(), strength=2.0),
 }
 ROUTING_FAMILIES = ["qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3", "glm4_moe"]
 

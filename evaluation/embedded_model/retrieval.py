@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 NIAH_TASKS = tuple(t for t in RULER_TASKS if t.startswith("niah"))
 QA_TASKS = tuple(t for t in RULER_TASKS if t.startswith("qa"))
 VARIANTS = ("dense", "moe")
-DEFAULT_OUT = repo_root() / "results" / "embedded_model" / "retrieval"
+DEFAULT_OUT = repo_root() / "measurements" / "retrieval"
 
 
 def model_label(variant: str, model_dir: Path | None = None) -> str:

@@ -4,6 +4,7 @@
 - :class:`ExpertBalancedPress`: the kept budget split across the experts the context tokens are routed to.
 - :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
 - :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
+- :class:`RoutingLayerBudgetPress`: the global budget split across layers by each layer's measured routing.
 - :class:`RoutingScorerPress`, :class:`RoutingFeaturePress`: their bases (routing from the MoE blocks, or
   predicted from the attention input).
 """
@@ -12,6 +13,7 @@ from pikv_press.presses.base import RoutingFeaturePress, RoutingScorerPress
 from pikv_press.presses.expert_balanced import ExpertBalancedPress
 from pikv_press.presses.pikv import PiKVPress
 from pikv_press.presses.router_affinity import RouterAffinityPress
+from pikv_press.presses.routing_layer_budget import RoutingLayerBudgetPress
 from pikv_press.presses.routing_novelty import RoutingNoveltyPress
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "PiKVPress",
     "RouterAffinityPress",
     "RoutingFeaturePress",
+    "RoutingLayerBudgetPress",
     "RoutingNoveltyPress",
     "RoutingScorerPress",
 ]
