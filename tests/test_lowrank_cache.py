@@ -141,6 +141,54 @@ def test_bad_input_raises_clear_errors():
         layer.write(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 16))
 
 
+def test_reduced_space_attention_equals_attention_over_reconstructed_keys():
+    """(q P) . (k P) with the basis attached to the keys == SDPA over k P P^T (GQA, causal mask, model scaling)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pikv_press.attention.lowrank import attach_basis, lowrank_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(1, 4, 5, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen),
+                           torch.randn(1, 2, 9, 12, generator=gen))
+    basis = torch.linalg.qr(torch.randn(1, 2, 16, 6, generator=gen)).Q  # orthonormal (16, 6) per head
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(diagonal=4)[None, None]
+    reduced, _ = lowrank_attention_forward(module, query, attach_basis(keys @ basis, basis), values, mask,
+                                           scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, query, keys @ basis @ basis.transpose(-1, -2), values, mask,
+                                          scaling=0.25)
+    assert reduced.shape == (1, 5, 4, 12)
+    assert torch.allclose(reduced, reference, atol=1e-5)
+    plain, _ = lowrank_attention_forward(module, query, keys, values, mask, scaling=0.25)  # no basis: plain SDPA
+    assert torch.equal(plain, sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)[0])
+
+
+def test_reduced_attention_in_the_model():
+    """Full rank through the reduced-space attention reproduces the full cache; a lower rank hands attention keys of
+    width r."""
+    from pikv_press.attention.lowrank import register_lowrank_attention
+    from pikv_press.testing import build_model
+
+    model = build_model("qwen3_moe", attn_implementation=register_lowrank_attention())
+    ids = _ids(24)
+    full = _decode(get_model("qwen3_moe"), DynamicCache(), ids, steps=4)
+    reduced = _decode(model, LowRankKeyCache(rank=16, reduced_attention=True, config=model.config), ids, steps=4)
+    assert (reduced - full).abs().max() < FP32_LOGIT_TOLERANCE
+    widths = []
+    handle = model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, kwargs, out: widths.append(kwargs["past_key_values"].layers[0]._coefficients.shape[-1]),
+        with_kwargs=True)
+    try:
+        cache = LowRankKeyCache(rank=4, reduced_attention=True, config=model.config)
+        _decode(model, cache, ids, steps=2)
+        assert cache.layers[0].update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))[0].shape[-1] == 4
+    finally:
+        handle.remove()
+    assert widths == [4, 4, 4]
+
+
 def test_cache_names():
     from pikv_press.cache import make_cache
 

@@ -2,8 +2,11 @@
 
 * :func:`~pikv_press.attention.latent.enable_latent_attention`: DeepSeek-V2/V3 multi-head latent attention computed
   from the latent cache (:class:`pikv_press.cache.LatentCache`) with absorbed projections.
+* :func:`~pikv_press.attention.lowrank.register_lowrank_attention`: attention in the reduced key space of
+  :class:`pikv_press.cache.LowRankKeyCache` (``attn_implementation="pikv_lowrank"``).
 """
 
 from pikv_press.attention.latent import enable_latent_attention
+from pikv_press.attention.lowrank import LOWRANK_ATTENTION, register_lowrank_attention
 
-__all__ = ["enable_latent_attention"]
+__all__ = ["LOWRANK_ATTENTION", "enable_latent_attention", "register_lowrank_attention"]

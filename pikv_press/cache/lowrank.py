@@ -12,11 +12,18 @@ What is stored, per layer and ``(batch, kv head)`` (:class:`LowRankKeyLayer`):
   the same basis** (the basis is not refitted; keys of later tokens outside its span lose that part);
 * the values unchanged.
 
-Keys read back as ``k_hat = (k P) P^T``, the orthogonal projection of ``k`` on the basis; since ``q . k_hat =
-(q P) . (k P)`` the scores could be computed in the reduced space. **This implementation does not**: ``update``
-reconstructs full-width keys in torch and hands them to the model's attention (any implementation), so attention
-costs what it costs with the full cache; the saving is in storage. A forward pass sees its own new tokens unprojected
-(as the packed cache does); later passes read their projection.
+Keys read back as ``k_hat = (k P) P^T``, the orthogonal projection of ``k`` on the basis, and ``q . k_hat =
+(q P) . (k P)``. Two attention paths:
+
+* ``reduced_attention=False`` (default, any attention implementation): ``update`` reconstructs full-width keys in
+  torch and hands them to the model's attention, which then costs what it costs with the full cache (the saving is
+  in storage). A forward pass sees its own new tokens unprojected (as the packed cache does); later passes read
+  their projection.
+* ``reduced_attention=True``: ``update`` returns the coefficients ``(batch, kv_heads, seq, r)`` of every token, the
+  new ones included, with the basis attached, and the model must run the attention of
+  :mod:`pikv_press.attention.lowrank` (``attn_implementation="pikv_lowrank"`` after
+  ``register_lowrank_attention()``), which projects the queries and computes the scores over ``r`` numbers. Any
+  other attention implementation fails on the key width. Not for models with attention sinks.
 
 The rank ``r`` (the same for every head of a layer, so that the storage is one tensor), from exactly one of:
 
@@ -43,6 +50,7 @@ import math
 import torch
 from transformers import Cache, PretrainedConfig
 
+from pikv_press.attention.lowrank import attach_basis
 from pikv_press.cache._compressed import CompressedLayer
 
 
@@ -64,9 +72,11 @@ class LowRankKeyLayer(CompressedLayer):
 
     _storage_names = ("_coefficients", "_basis", "_values")
 
-    def __init__(self, rank: int | None = None, energy: float | None = None, key_budget: float | None = None):
+    def __init__(self, rank: int | None = None, energy: float | None = None, key_budget: float | None = None,
+                 reduced_attention: bool = False):
         _check_choice(rank, energy, key_budget)
         self.requested_rank, self.energy, self.key_budget = rank, energy, key_budget
+        self.reduced_attention = bool(reduced_attention)
         super().__init__()
 
     @property
@@ -109,6 +119,11 @@ class LowRankKeyLayer(CompressedLayer):
             raise ValueError(f"This low-rank key layer was fitted on keys of width {self._basis.shape[-2]}, got "
                              f"{key_states.shape[-1]}.")
         new = self._project(key_states)
+        if self.reduced_attention:
+            self._coefficients = new if self._coefficients is None else torch.cat([self._coefficients, new], dim=-2)
+            self._values = (value_states.clone(memory_format=torch.contiguous_format) if self._values is None
+                            else torch.cat([self._values, value_states], dim=-2))
+            return attach_basis(self._coefficients[..., :, :], self._basis), self._values
         if self._coefficients is None:
             keys_out, values_out = key_states, value_states
             self._coefficients = new
@@ -149,11 +164,12 @@ class LowRankKeyLayer(CompressedLayer):
 class LowRankKeyCache(Cache):
     """Keys stored on their top singular directions per layer and KV head, values unchanged (see the module
     docstring). Give exactly one of ``rank``, ``energy`` or ``key_budget``; ``config`` as for
-    :class:`~pikv_press.cache.packed.PackedKVCache`."""
+    :class:`~pikv_press.cache.packed.PackedKVCache`; ``reduced_attention``: attention over the coefficients (needs
+    ``attn_implementation="pikv_lowrank"``, see the module docstring)."""
 
     def __init__(self, rank: int | None = None, energy: float | None = None, key_budget: float | None = None,
-                 config: PretrainedConfig | None = None):
-        make_layer = functools.partial(LowRankKeyLayer, rank, energy, key_budget)
+                 config: PretrainedConfig | None = None, reduced_attention: bool = False):
+        make_layer = functools.partial(LowRankKeyLayer, rank, energy, key_budget, reduced_attention)
         make_layer()  # validates now
         if config is None:
             super().__init__(layer_class_to_replicate=make_layer)
