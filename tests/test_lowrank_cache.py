@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access
 from pikv_press.cache.lowrank import LowRankKeyCache, LowRankKeyLayer
+from pikv_press.testing import MOE_FAMILY_NAMES
 from tests.conftest import get_model
 from tests.decoding_helpers import decode_logits as _decode
 from tests.decoding_helpers import token_ids as _ids
@@ -26,7 +27,7 @@ def _key_width(model) -> int:
     return cache.layers[0].keys.shape[-1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
 def test_full_rank_reproduces_the_full_cache(family):
     model = get_model(family)
     ids = _ids(24)
@@ -187,6 +188,16 @@ def test_reduced_attention_in_the_model():
     finally:
         handle.remove()
     assert widths == [4, 4, 4]
+
+
+def test_generate_with_low_rank_keys():
+    model = get_model("phimoe")
+    ids = _ids(20)
+    cache = LowRankKeyCache(energy=0.9)  # no config: layers added lazily
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 24) and cache_lengths(cache) == [23] * model.config.num_hidden_layers
+    assert all(1 <= rank <= 16 for rank in cache.ranks)
 
 
 def test_cache_names():
