@@ -12,7 +12,9 @@ shard), from that same cache (restored between settings):
 * **decode**: the question is run, then ``--decode_steps`` single-token steps feed the tokens that greedy decoding
   with full attention writes (the same tokens for every k, so every setting does the same work): ``kv_bytes_per_step``
   (keys and values the sharded attention read, all layers, from :attr:`ExpertShardedCache.bytes_read`),
-  ``decode_ms_per_token`` (wall) and ``decode_cpu_ms_per_token`` (this thread's CPU time; the machine is shared);
+  ``decode_ms_per_token`` (wall), ``decode_cpu_ms_per_token`` (this thread's CPU time; the machine is shared) and
+  ``attention_ms_per_token`` (wall time inside the sharded attention: gathering the shards read and the partials;
+  the rest of a step, the MoE layers and the routers predicting each query's experts, does not depend on k);
 * **KL**: mean over those steps of KL(full || restricted) of the next-token distributions (nats);
 * **teacher-forced accuracy**: :func:`pikv_press.answer.teacher_forced_score` (exact match of every gold value);
 * with ``--generate``, also the greedy answer's RULER string match.
@@ -71,6 +73,7 @@ def decode_run(model, cache, question_ids: torch.Tensor, tokens: list[int], star
         cpu += time.thread_time() - c0
     steps = max(len(tokens) - 1, 1)
     return {"logits": torch.stack(logits), "kv_bytes_per_step": (cache.bytes_read / steps) if reads else None,
+            "attention_ms_per_token": (1000 * cache.attention_seconds / steps) if reads else None,
             "decode_ms_per_token": 1000 * wall / steps, "decode_cpu_ms_per_token": 1000 * cpu / steps}
 
 
@@ -153,6 +156,7 @@ def run(args) -> Path:
                           "kv_bytes_per_step": result["kv_bytes_per_step"],
                           "decode_ms_per_token": round(result["decode_ms_per_token"], 2),
                           "decode_cpu_ms_per_token": round(result["decode_cpu_ms_per_token"], 2),
+                          "attention_ms_per_token": round(result["attention_ms_per_token"], 2),
                           "kl": kl(full_logits, result["logits"]), "tf_exact": tf.exact, "tf_share": tf.share,
                           "nll": tf.nll}
                 if args.generate:
@@ -195,9 +199,9 @@ def report(path: Path) -> str:
     lines = [f"{len(full)} samples ({', '.join(sorted(full.reset_index()['task'].unique()))}), "
              f"context {int(full['context_tokens'].mean())} tokens on average",
              "",
-             "| k | KV bytes read / step | fewer bytes than all | decode ms/token (CPU) | KL vs all (nats) | "
-             "teacher-forced accuracy | vs all (95% CI) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| k | KV bytes read / step | fewer bytes than all | decode ms/token (CPU) | sharded attention "
+             "ms/token | KL vs all (nats) | teacher-forced accuracy | vs all (95% CI) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     order = sorted(sharded["k"].unique(), key=lambda k: math.inf if k == "all" else -int(k))
     for k in order:
         part = sharded[sharded["k"] == k].set_index(["task", "index"])
@@ -210,6 +214,7 @@ def report(path: Path) -> str:
         ratio = ref["kv_bytes_per_step"].mean() / part["kv_bytes_per_step"].mean()
         lines.append(f"| {k} | {part['kv_bytes_per_step'].mean() / 2**20:.2f} MiB | {ratio:.2f}x | "
                      f"{part['decode_ms_per_token'].mean():.0f} ({part['decode_cpu_ms_per_token'].mean():.0f}) | "
+                     f"{part['attention_ms_per_token'].mean():.1f} | "
                      f"{part['kl'].mean():.4f} | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | "
                      f"{100 * diff:+.1f} [{100 * dlow:+.1f}, {100 * dhigh:+.1f}] |")
     dense = frame[frame["cache"] == "dynamic"]

@@ -40,6 +40,7 @@ def test_parse_ks_and_report(tmp_path):
         for k, exact, nbytes in (("all", True, 1000.0), ("8", index % 2 == 0, 250.0)):
             rows.append({"task": "niah_single_1", "index": index, "cache": "sharded", "k": k, "context_tokens": 900,
                          "kv_bytes_per_step": nbytes, "decode_ms_per_token": 10.0, "decode_cpu_ms_per_token": 9.0,
+                         "attention_ms_per_token": 1.0,
                          "kl": 0.0 if k == "all" else 0.1, "tf_exact": exact})
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -25,6 +25,8 @@ Not implemented: dropout (training), attention weights output (``output_attentio
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -54,7 +56,10 @@ def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torc
     query = query.to(device)
     q_heads, q_len = query.shape[1], query.shape[2]
     group = q_heads // kv_heads
-    allowed = _allowed(rows, q_index, window)  # (q_len, n)
+    if q_len == 1 and window is None:  # decoding: every stored row precedes the query
+        allowed = torch.ones(1, rows.n, dtype=torch.bool, device=device)
+    else:
+        allowed = _allowed(rows, q_index, window)  # (q_len, n)
     if readers is not None:
         allowed &= readers.to(device).view(-1, 1)
     if q_len == 1:  # decoding: one product over all heads' rows, rows of other heads masked
@@ -76,11 +81,26 @@ def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torc
 
 def _layer_partials(layer: ExpertShardedLayer, query: torch.Tensor, scaling: float, window: int | None):
     outs, lses = [], []
-    for _, rows, readers in layer.selected_shards():
-        out, lse = shard_partial(rows, query, scaling, layer.query_index, layer.kv_heads, window, readers)
-        outs.append(out.to(query.device))
-        lses.append(lse.to(query.device))
-        layer.bytes_read += rows.kv_nbytes()
+    selected = layer.selected_shards()
+    if query.shape[2] == 1:
+        # decoding: the shards read on one device are gathered into one product (one call instead of one per shard;
+        # the gather reads exactly the selected rows). Every stored row precedes the query, and a sliding-window
+        # layer holds only its window, so no causal mask is needed.
+        by_device: dict[torch.device, list[Rows]] = {}
+        for _, rows, _ in selected:
+            by_device.setdefault(rows.keys.device, []).append(rows)
+            layer.bytes_read += rows.kv_nbytes()
+        for device, parts in by_device.items():
+            rows = parts[0] if len(parts) == 1 else Rows.cat(parts, device)
+            out, lse = shard_partial(rows, query, scaling, layer.query_index, layer.kv_heads, window)
+            outs.append(out.to(query.device))
+            lses.append(lse.to(query.device))
+    else:
+        for _, rows, readers in selected:
+            out, lse = shard_partial(rows, query, scaling, layer.query_index, layer.kv_heads, window, readers)
+            outs.append(out.to(query.device))
+            lses.append(lse.to(query.device))
+            layer.bytes_read += rows.kv_nbytes()
     layer.unconsumed = False
     if layer.world_size > 1:
         from pikv_press.attention.distributed import distributed_merge
@@ -129,8 +149,10 @@ def sharded_attention_forward(
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
     layer = getattr(key, LAYER_TAG, None)
     if layer is not None:
+        started = time.perf_counter()
         window = sliding_window if sliding_window is not None else layer.sliding_window
         outs, lses = _layer_partials(layer, query, scaling, window)
+        layer.attention_seconds += time.perf_counter() - started
     else:
         out, lse = partial_attention(query, key, value, scaling, _dense_mask(attention_mask, query, key,
                                                                                sliding_window))

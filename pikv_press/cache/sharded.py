@@ -150,6 +150,7 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         self.unconsumed = False  # an update whose keys no pikv_sharded attention has read
         self.query_experts: torch.Tensor | None = None  # (q, k) predicted experts for routing-restricted reads
         self.bytes_read = 0
+        self.attention_seconds = 0.0  # wall time of the sharded attention's shard reads and partials
 
     # -- transformers' layer interface ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -572,6 +573,13 @@ class ExpertShardedCache(Cache):
         """KV bytes (keys and values) the sharded attention read from this cache since the counter was reset."""
         return sum(layer.bytes_read for layer in self.layers)
 
+    @property
+    def attention_seconds(self) -> float:
+        """Wall seconds the sharded attention spent reading shards and computing partials (all layers)."""
+        return sum(layer.attention_seconds for layer in self.layers)
+
     def reset_bytes_read(self) -> None:
+        """Reset :attr:`bytes_read` and :attr:`attention_seconds`."""
         for layer in self.layers:
             layer.bytes_read = 0
+            layer.attention_seconds = 0.0
