@@ -1,0 +1,27 @@
+"""evaluation.kernel_benchmark on the CPU: times the torch reference, says GPU figures are unmeasured, appends one
+JSON line per (kernel, length) and skips what is already measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evaluation import kernel_benchmark
+
+
+def test_cpu_run_reports_reference_timing_and_resumes(tmp_path, capsys):
+    output = tmp_path / "bench.jsonl"
+    argv = ["--device", "cpu", "--lengths", "64,96", "--repeats", "1", "--output", str(output)]
+    assert kernel_benchmark.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GPU figures are unmeasured" in printed
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert {(r["kernel"], r["length"]) for r in rows} == {(k, n) for k in kernel_benchmark.KERNELS for n in (64, 96)}
+    assert all(r["backend"] == "torch" and r["peak_gbps"] is None and r["ms_per_call"] > 0 for r in rows)
+    assert all(r["bytes"] > 0 and r["achieved_gbps"] == pytest.approx(r["bytes"] / r["ms_per_call"] / 1e6)
+               for r in rows)
+    assert kernel_benchmark.main(argv) == 0  # resumed: nothing measured twice
+    assert len(output.read_text().splitlines()) == len(rows)
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        kernel_benchmark.main(["--device", "cpu", "--backends", "triton", "--output", str(output)])
