@@ -229,3 +229,17 @@ def test_restricted_reads_of_a_multi_token_forward():
     assert torch.isneginf(lse[:, :, 1]).all() and (out[:, :, 1] == 0).all()
     torch.testing.assert_close(out[:, :, readers], out_all[:, :, readers], **TOL)
     torch.testing.assert_close(lse[:, :, readers], lse_all[:, :, readers], **TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_prefill_in_query_blocks_is_exact(family, monkeypatch):
+    """Prefill queries are processed in blocks (bounded logits): blocks smaller than the prompt change nothing."""
+    import pikv_press.attention.sharded as sharded_attention
+
+    monkeypatch.setattr(sharded_attention, "QUERY_BLOCK", 5)
+    ids = token_ids(4)
+    eager, sharded = model_of(family, "eager"), model_of(family, "pikv_sharded")
+    reference = run(eager, DynamicCache(config=eager.config), ids)
+    with ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as cache:
+        out = run(sharded, cache, ids)
+    torch.testing.assert_close(out, reference, **TOL)

@@ -37,6 +37,10 @@ from pikv_press.kernels.sharded_attention import merge_partials, partial_attenti
 __all__ = ["SHARDED_ATTENTION", "sharded_attention_forward", "shard_partial"]
 
 
+QUERY_BLOCK = 256
+"""Queries per block in multi-token forwards (prefill): logits are at most (group, QUERY_BLOCK, rows of one head)."""
+
+
 def _allowed(rows: Rows, q_index: torch.Tensor, window: int | None) -> torch.Tensor:
     """(q_len, rows) bool: causal in insertion order, within the sliding window when there is one."""
     index = rows.index.view(1, -1)
@@ -67,16 +71,22 @@ def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torc
         mask = (rows.heads.view(1, -1) == owner.view(-1, 1)) & allowed  # (q_heads, n)
         return partial_attention(query, rows.keys.view(1, 1, rows.n, -1), rows.values.view(1, 1, rows.n, -1),
                                  scaling, mask.view(1, q_heads, 1, rows.n))
-    outs, lses = [], []
-    for head in range(kv_heads):  # prefill: per kv head, so that logits are (group, q_len, rows of that head)
+    head_outs, head_lses = [], []
+    for head in range(kv_heads):  # prefill: per kv head, so that logits are (group, queries, rows of that head)
         which = torch.nonzero(rows.heads == head).flatten()
-        keys, values = rows.keys[which], rows.values[which]
-        out, lse = partial_attention(query[:, head * group:(head + 1) * group], keys.view(1, 1, -1, keys.shape[-1]),
-                                     values.view(1, 1, -1, values.shape[-1]), scaling,
-                                     allowed[:, which].view(1, 1, q_len, -1))
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+        keys = rows.keys[which].view(1, 1, -1, rows.keys.shape[-1])
+        values = rows.values[which].view(1, 1, -1, rows.values.shape[-1])
+        head_allowed = allowed[:, which]
+        outs, lses = [], []
+        for start in range(0, q_len, QUERY_BLOCK):  # blocks of queries bound the logits' memory
+            block = slice(start, min(start + QUERY_BLOCK, q_len))
+            out, lse = partial_attention(query[:, head * group:(head + 1) * group, block], keys, values, scaling,
+                                         head_allowed[block].view(1, 1, -1, keys.shape[2]))
+            outs.append(out)
+            lses.append(lse)
+        head_outs.append(torch.cat(outs, dim=2))
+        head_lses.append(torch.cat(lses, dim=2))
+    return torch.cat(head_outs, dim=1), torch.cat(head_lses, dim=1)
 
 
 def _layer_partials(layer: ExpertShardedLayer, query: torch.Tensor, scaling: float, window: int | None):
