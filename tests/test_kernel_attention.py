@@ -37,6 +37,7 @@ SHARDED = [  # batch, q_heads, kv_heads, q_len, k_len, dim, value_dim, dtype, se
     (2, 4, 2, 1, 37, 64, 64, torch.float32, 0),
     (1, 8, 2, 3, 100, 128, 128, torch.bfloat16, 1),
     (1, 4, 4, 1, 51, 192, 128, torch.float16, 2),
+    (1, 8, 1, 9, 40, 64, 64, torch.float32, 3),  # 72 query rows a kv head: two row blocks
 ]
 
 
@@ -135,6 +136,7 @@ LATENT = [  # batch, heads, q_len, k_len, rank, rope_dim, dtype, causal, seed
     (2, 4, 1, 37, 128, 64, torch.float32, False, 0),
     (1, 8, 3, 50, 128, 64, torch.bfloat16, True, 1),
     (1, 4, 2, 30, 64, 32, torch.float16, True, 2),
+    (1, 16, 5, 23, 64, 32, torch.float32, True, 3),  # 80 query rows: two row blocks, causal per query
 ]
 
 

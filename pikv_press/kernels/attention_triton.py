@@ -12,10 +12,12 @@ One kernel serves three caches, chosen by compile-time flags:
   per channel in groups of tokens, values per token in groups of channels), dequantized in registers tile by tile,
   rounded to the cache dtype as the reference's ``dequantize`` does, never written out in full precision.
 
-Grid: (batch x kv heads, key splits). A program holds the ``group x Q`` query rows of one kv head (GQA without
-repeating keys), walks its split of the keys in blocks with an online softmax in float32, and writes a partial output
-and log-sum-exp; :func:`merge` combines the splits (and, for ``merge_partials``, shards) exactly. Products use
-``tl.dot`` on float32 tiles with ``input_precision="ieee"`` (no TF32), so half-precision inputs are widened first.
+Grid: (batch x kv heads, key splits, row blocks). A program holds up to ``MAX_BLOCK_R`` of the ``group x Q`` query
+rows of one kv head (GQA without repeating keys; many queries, as in a prefill, take several row blocks), walks its
+split of the keys in blocks with an online softmax in float32, and writes a partial output and log-sum-exp;
+:func:`merge` combines the splits (and, for ``merge_partials``, shards) exactly. Products use ``tl.dot`` on float32
+tiles with ``input_precision="ieee"`` (no TF32), so half-precision inputs are widened first. Made for decoding: a
+prefill runs (every row block reads every key, no causal block skipping) but is not what it is tuned for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pikv_press.kernels._dispatch import interpreting
 
 INTERPRETED = interpreting()
 _DOT_MIN = 16  # tl.dot needs every tile side >= 16
+MAX_BLOCK_R = 64  # query rows a program holds
 
 
 @triton.jit
@@ -74,7 +77,7 @@ def _decode_attention_kernel(
     split = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     g = (pid_bh % HKV).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < GROUP * Q
     head = g * GROUP + r // Q
     qi = r % Q
@@ -249,7 +252,8 @@ def decode_attention(
     lses = torch.empty(splits, rows_total, dtype=torch.float32, device=device)
     k_scale, k_zero, k_bits, k_group = key_quant if key_quant is not None else (None, None, 8, 1)
     v_scale, v_zero, v_bits, v_group = value_quant if value_quant is not None else (None, None, 8, 1)
-    _decode_attention_kernel[(batch * kv_heads, splits)](
+    block_r = min(max(triton.next_power_of_2(rows_per_head), _DOT_MIN), MAX_BLOCK_R)
+    _decode_attention_kernel[(batch * kv_heads, splits, triton.cdiv(rows_per_head, block_r))](
         *_args(query, query), *_args(query2, query),
         *_args(key, query), *_args(k_scale, query), k_zero if k_zero is not None else query,
         *_args(key2, query),
@@ -261,7 +265,7 @@ def decode_attention(
         HAS_Q2=query2 is not None, QUANT=key_quant is not None, VALUE_IS_KEY=value is None,
         HAS_MASK=mask is not None, CAUSAL=bool(causal), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
         V_GROUP=v_group, KV_DTYPE=_TORCH_TO_TL[kv_dtype],
-        BLOCK_R=max(triton.next_power_of_2(rows_per_head), _DOT_MIN), BLOCK_N=max(block_n, _DOT_MIN),
+        BLOCK_R=block_r, BLOCK_N=max(block_n, _DOT_MIN),
         BLOCK_D=block_d, BLOCK_D2=max(triton.next_power_of_2(dim2), _DOT_MIN), BLOCK_DV=block_dv,
     )
     out, lse = merge(parts, lses, query.dtype)
