@@ -10,6 +10,8 @@
   (:mod:`pikv_press.cache.lowrank`). Both hold fewer bytes, counted by :func:`cache_nbytes`, and compose with presses.
 * :class:`LatentCache` (``make_cache("latent", config)``): the latent cache of multi-head latent attention
   (DeepSeek-V2/V3), with :func:`pikv_press.attention.latent.enable_latent_attention`.
+* :class:`ExpertShardedCache`: each layer's KV split into shards by routed expert (plus sink/recent tokens), ragged,
+  on their own devices or ranks (:mod:`pikv_press.cache.sharded`), read by ``attn_implementation="pikv_sharded"``.
 """
 
 from pikv_press.cache.factory import CACHES, make_cache, register_cache
@@ -17,10 +19,12 @@ from pikv_press.cache.latent import LatentCache
 from pikv_press.cache.layers import KVLayerAccess, layer_access, register_layer_adapter
 from pikv_press.cache.lowrank import LowRankKeyCache
 from pikv_press.cache.packed import PackedKVCache
+from pikv_press.cache.sharded import ExpertShardedCache
 from pikv_press.cache.stats import cache_lengths, cache_nbytes
 
 __all__ = [
     "CACHES",
+    "ExpertShardedCache",
     "KVLayerAccess",
     "LatentCache",
     "LowRankKeyCache",
