@@ -243,3 +243,45 @@ def test_prefill_in_query_blocks_is_exact(family, monkeypatch):
     with ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as cache:
         out = run(sharded, cache, ids)
     torch.testing.assert_close(out, reference, **TOL)
+
+
+@pytest.mark.parametrize("press_kind", ["none", "moe_aware", "kvpress_own"])
+def test_kvpress_pipeline_with_the_sharded_cache(press_kind):
+    """kvpress's pipeline (prefill inside the press, answers trimmed off between questions through ``layer.keys``)
+    gives the answers of eager attention over a DynamicCache; a plain kvpress press compresses through the keys and
+    values attributes."""
+    from transformers import pipeline
+
+    from pikv_press.testing import TRAINING_TEXT, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    context, questions = " ".join(TRAINING_TEXT[:3]), ["What does the fox do?", "What is a cache?"]
+    answers = {}
+    for impl in ("eager", "pikv_sharded"):
+        model = model_of("qwen2_moe", impl)
+        press = {"none": None, "moe_aware": MoEAware(KnormPress(0.5)), "kvpress_own": KnormPress(0.5)}[press_kind]
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+        cache = DynamicCache(config=model.config) if impl == "eager" else ExpertShardedCache(model, recent_tokens=2)
+        answers[impl] = pipe(context, questions=questions, press=press, cache=cache, max_new_tokens=4)["answers"]
+        if impl != "eager":
+            assert all(layer.get_seq_length() == cache.layers[0].get_seq_length() for layer in cache.layers)
+            cache.close()
+    assert answers["pikv_sharded"] == answers["eager"]
+
+
+def test_crop_drops_what_came_after():
+    model = model_of("mixtral", "pikv_sharded")
+    ids = token_ids(5)
+    with ExpertShardedCache(model, sink_tokens=1, recent_tokens=1) as cache, torch.no_grad():
+        with MoEAware(KnormPress(0.5))(model):
+            model(ids[:, :PREFILL], past_key_values=cache)
+        before = [layer.read() for layer in cache.layers]
+        kept = cache.get_seq_length()
+        model(ids[:, PREFILL:], past_key_values=cache)
+        assert cache.get_seq_length() == kept + DECODE
+        cache.crop(kept)
+        for layer, (keys, values) in zip(cache.layers, before, strict=True):
+            assert layer.get_seq_length() == kept
+            assert torch.equal(layer.read()[0], keys) and torch.equal(layer.read()[1], values)
+        with pytest.raises(ValueError, match="keeps rows it holds"):
+            cache.layers[0].values = torch.zeros(1, 2, 3, 16)

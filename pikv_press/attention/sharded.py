@@ -69,19 +69,20 @@ def shard_partial(rows: Rows, query: torch.Tensor, scaling: float, q_index: torc
     if q_len == 1:  # decoding: one product over all heads' rows, rows of other heads masked
         owner = torch.arange(q_heads, device=device).div(group, rounding_mode="floor")
         mask = (rows.heads.view(1, -1) == owner.view(-1, 1)) & allowed  # (q_heads, n)
-        return partial_attention(query, rows.keys.view(1, 1, rows.n, -1), rows.values.view(1, 1, rows.n, -1),
+        return partial_attention(query, rows.keys.view(1, 1, rows.n, rows.keys.shape[-1]),
+                                 rows.values.view(1, 1, rows.n, rows.values.shape[-1]),
                                  scaling, mask.view(1, q_heads, 1, rows.n))
     head_outs, head_lses = [], []
     for head in range(kv_heads):  # prefill: per kv head, so that logits are (group, queries, rows of that head)
         which = torch.nonzero(rows.heads == head).flatten()
-        keys = rows.keys[which].view(1, 1, -1, rows.keys.shape[-1])
-        values = rows.values[which].view(1, 1, -1, rows.values.shape[-1])
+        keys = rows.keys[which].view(1, 1, which.numel(), rows.keys.shape[-1])
+        values = rows.values[which].view(1, 1, which.numel(), rows.values.shape[-1])
         head_allowed = allowed[:, which]
         outs, lses = [], []
         for start in range(0, q_len, QUERY_BLOCK):  # blocks of queries bound the logits' memory
             block = slice(start, min(start + QUERY_BLOCK, q_len))
             out, lse = partial_attention(query[:, head * group:(head + 1) * group, block], keys, values, scaling,
-                                         head_allowed[block].view(1, 1, -1, keys.shape[2]))
+                                         head_allowed[block].view(1, 1, block.stop - block.start, keys.shape[2]))
             outs.append(out)
             lses.append(lse)
         head_outs.append(torch.cat(outs, dim=2))

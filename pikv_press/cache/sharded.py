@@ -32,10 +32,12 @@ What is implemented:
   (sinks, recent tokens and the tokens of the current forward); ``None`` reads every shard (exact attention). Set it
   after the context's prefill to restrict what comes after. ``bytes_read`` counts the KV bytes each forward read.
 
-Not implemented: batch size > 1 (``ValueError``); beam search, ``crop`` and cache reordering; kvpress presses that
-read or write ``layer.keys`` directly (kvpress's own pipeline trims answers that way, DecodingPress reads that way:
-use the MoE-aware presses and :func:`pikv_press.answer` paths that go through ``layer_access``); devices derived from
-an accelerate ``device_map``; CUDA devices were never exercised (this machine has none).
+``layer.keys`` / ``layer.values`` read all rows in insertion order (a copy), and assigning them works as kvpress does
+it: a prefix crops the layer (the pipeline trims answers), other rows (keys, then values) are kept as a press's.
+
+Not implemented: batch size > 1 (``ValueError``); beam search and cache reordering; reading ``layer.keys`` of a layer
+whose kv heads hold different numbers of tokens (after AdaKV: ``ValueError``); devices derived from an accelerate
+``device_map``; CUDA devices were never exercised (this machine has none).
 """
 
 from __future__ import annotations
@@ -199,7 +201,66 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         raise NotImplementedError("ExpertShardedCache does not support beam search (batch size 1 only).")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("ExpertShardedCache cannot be cropped (assisted decoding is not supported).")
+        """Forget the tokens that came after the first ``max_length`` (as :meth:`get_seq_length` counts them): what
+        was appended since the layer held ``max_length`` tokens (an answer, to be trimmed off)."""
+        if max_length < 0:
+            max_length = self.length + max_length
+        if max_length >= self.length or not self.is_initialized:
+            return
+        appended = self.length - max_length
+        if appended > self.next_index:
+            raise ValueError(f"Cannot crop layer {self.layer_idx} to {max_length} tokens: a press shortened it "
+                             "after those tokens came.")
+        cut = self.next_index - appended
+        keep = [(e, rows.select(rows.index < cut)) for e, rows in self.all_shards()]
+        self.local = next((rows for e, rows in keep if e == LOCAL), self.local)
+        self.shards = [None] * self.num_experts
+        for e, rows in keep:
+            if e != LOCAL:
+                self.shards[e] = rows
+        self.next_index, self.length = cut, max_length
+
+    # -- keys / values as attributes (kvpress reads and assigns ``layer.keys`` and ``layer.values``) ---------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """All keys ``(1, kv_heads, seq, key_dim)`` in insertion order (a copy; ``ValueError`` when the kv heads hold
+        different numbers of tokens). Assigning a prefix of it crops the layer (kvpress's pipeline trims answers so);
+        assigning other rows, then ``values``, keeps those rows (what a kvpress press does after scoring)."""
+        return self.read()[0] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is None or not self.is_initialized:
+            return  # CacheLayerMixin.__init__
+        if not self._crop_to(value, 0):
+            self.__dict__["_pending_keys"] = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """All values, as :attr:`keys`."""
+        return self.read()[1] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is None or not self.is_initialized:
+            return
+        pending = self.__dict__.pop("_pending_keys", None)
+        if pending is not None:
+            self.write(pending, value)
+        elif not self._crop_to(value, 1):
+            raise ValueError("Assigning values to an ExpertShardedCache layer keeps rows it holds: assign the kept "
+                             "keys first, or write both through pikv_press.cache.layer_access(layer).write.")
+
+    def _crop_to(self, tensor: torch.Tensor, which: int) -> bool:
+        """Whether ``tensor`` is a prefix (in insertion order) of the layer's keys (0) or values (1); crops if so."""
+        seq = tensor.shape[-2]
+        if seq > self.length:
+            return False
+        current = self.read()[which]
+        if current.shape[-2] != self.length or not torch.equal(current[..., :seq, :], tensor.to(current.device)):
+            return False
+        self.crop(seq)
+        return True
 
     # -- shards ----------------------------------------------------------------------------------------------------
     def expert_device(self, expert: int) -> torch.device:
