@@ -520,7 +520,10 @@ class _ModelHooks:
         if not self.active or cache is None:
             return
         self.active = False
-        cache.after_forward(self.anatomy, self.recorder)
+        try:
+            cache.after_forward(self.anatomy, self.recorder)
+        finally:
+            self.recorder.reset()  # the routing of this forward is in the cache now: free the record
 
 
 class ExpertShardedCache(Cache):
