@@ -285,3 +285,14 @@ def test_crop_drops_what_came_after():
             assert torch.equal(layer.read()[0], keys) and torch.equal(layer.read()[1], values)
         with pytest.raises(ValueError, match="keeps rows it holds"):
             cache.layers[0].values = torch.zeros(1, 2, 3, 16)
+
+
+def test_devices_from_an_accelerate_device_map(monkeypatch):
+    model = model_of("mixtral", "pikv_sharded")
+    with pytest.raises(ValueError, match="device_map"):
+        ExpertShardedCache(model, devices="device_map")
+    monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": "cpu", "model.layers.0": "meta",
+                                                 "model.layers.1": "cpu", "lm_head": "disk"}, raising=False)
+    with ExpertShardedCache(model, devices="device_map") as cache:
+        assert cache.expert_devices == [torch.device("cpu"), torch.device("meta")]
+        assert cache.layers[0].expert_device(3) == torch.device("meta")

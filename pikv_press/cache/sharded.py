@@ -19,7 +19,8 @@ What is implemented:
   nearest MoE layer (:func:`pikv_press.compat.routing_source_layer`). Sliding-window layers (GPT-OSS) keep their
   last ``sliding_window - 1`` tokens in the local shard and are never sharded.
 * **Devices.** ``devices``: expert ``e``'s shards live on ``devices[e % len(devices)]`` (the local shard stays on the
-  layer's device); partial attention runs there and partial results are merged on the layer's device.
+  layer's device); ``devices="device_map"`` takes the devices of an accelerate ``device_map``; partial attention
+  runs there and partial results are merged on the layer's device.
 * **Presses.** Each layer implements the cache-layer interface (:func:`pikv_press.cache.layer_access`), so MoE-aware
   presses (``MoEAware(press)``, the routing presses) compress it: a write keeps exactly the rows a press kept (each
   row matched to the row it came from, so its insertion index and routing stay known) and frees the others. kvpress's
@@ -36,8 +37,8 @@ What is implemented:
 it: a prefix crops the layer (the pipeline trims answers), other rows (keys, then values) are kept as a press's.
 
 Not implemented: batch size > 1 (``ValueError``); beam search and cache reordering; reading ``layer.keys`` of a layer
-whose kv heads hold different numbers of tokens (after AdaKV: ``ValueError``); devices derived from an accelerate
-``device_map``; CUDA devices were never exercised (this machine has none).
+whose kv heads hold different numbers of tokens (after AdaKV: ``ValueError``). CUDA devices and real accelerate
+device maps were never exercised (this machine has none).
 """
 
 from __future__ import annotations
@@ -443,6 +444,25 @@ def parse_devices(devices: Sequence[str | torch.device] | None) -> list[torch.de
     return parsed
 
 
+def devices_of_device_map(model: nn.Module) -> list[torch.device]:
+    """The distinct devices of an accelerate ``device_map`` (``model.hf_device_map``), in order of first use; integers
+    are CUDA indices, ``"disk"`` entries are skipped."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        raise ValueError("devices='device_map' needs a model loaded with device_map=... (model.hf_device_map is "
+                         "missing); pass an explicit list of devices instead.")
+    found: list[torch.device] = []
+    for value in device_map.values():
+        if value == "disk":
+            continue
+        device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+        if device not in found:
+            found.append(device)
+    if not found:
+        raise ValueError(f"model.hf_device_map names no device for tensors: {device_map}.")
+    return found
+
+
 def _routing_source(anatomy, layer_idx: int) -> int:
     from pikv_press.compat import routing_source_layer  # compat imports kvpress: only when a cache is built
 
@@ -532,7 +552,8 @@ class ExpertShardedCache(Cache):
     Parameters
     ----------
     model : an MoE model of a known family, loaded with ``attn_implementation="pikv_sharded"``.
-    devices : expert ``e``'s shards live on ``devices[e % len(devices)]``; ``None``: the layer's device.
+    devices : expert ``e``'s shards live on ``devices[e % len(devices)]``; ``None``: the layer's device;
+        ``"device_map"``: the distinct devices of the model's accelerate ``hf_device_map``.
     sink_tokens : the first tokens kept in the local shard (attention sinks), >= 0.
     recent_tokens : the most recent tokens kept in the local shard, >= 0.
     distributed : spread expert shards over the ranks of ``group`` (torch.distributed, initialised): expert ``e`` on
@@ -557,6 +578,8 @@ class ExpertShardedCache(Cache):
             )
         if sink_tokens < 0 or recent_tokens < 0:
             raise ValueError(f"sink_tokens and recent_tokens must be >= 0; got {sink_tokens}, {recent_tokens}.")
+        if isinstance(devices, str) and devices == "device_map":
+            devices = devices_of_device_map(model)
         self.expert_devices = parse_devices(devices)
         self.num_experts = anatomy.num_experts
         self._read_top_k = None
