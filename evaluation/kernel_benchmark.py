@@ -27,7 +27,8 @@ and ``fraction_of_peak`` = achieved / peak; times are the median of ``triton.tes
 torch reference runs (the Triton kernels need a GPU; the interpreter is a test tool), timed with
 ``time.perf_counter`` (median of ``--repeats`` after one warm-up), and the command says that GPU figures are
 unmeasured. Rows are appended to ``--output`` as JSON lines; a (device, kernel, backend, dtype, length) already there
-is skipped, so an interrupted run resumes.
+is skipped, so an interrupted run resumes. Each row records the 1-minute load average: on a shared machine the times
+include waiting for other processes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -211,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "length": length, "ms_per_call": seconds * 1e3, "bytes": moved, "achieved_gbps": gbps,
                        "peak_gbps": peak, "fraction_of_peak": gbps / peak if peak else None,
                        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                       "load_avg_1min": os.getloadavg()[0],  # other processes compete on a shared machine
                        "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 rows.append(row)
                 with args.output.open("a") as handle:
