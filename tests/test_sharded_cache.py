@@ -296,3 +296,13 @@ def test_devices_from_an_accelerate_device_map(monkeypatch):
     with ExpertShardedCache(model, devices="device_map") as cache:
         assert cache.expert_devices == [torch.device("cpu"), torch.device("meta")]
         assert cache.layers[0].expert_device(3) == torch.device("meta")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "deepseek_v2"])
+def test_pikv_sharded_over_a_dynamic_cache_is_plain_attention(family):
+    """With another cache the attention function is plain exact attention over the keys it gets (one shard)."""
+    ids = token_ids(6)
+    eager, sharded = model_of(family, "eager"), model_of(family, "pikv_sharded")
+    reference = run(eager, DynamicCache(config=eager.config), ids)
+    out = run(sharded, DynamicCache(config=sharded.config), ids)
+    torch.testing.assert_close(out, reference, **TOL)
