@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
 from evaluation import cli
-from evaluation.models import EMBEDDED, load_model, model_tag
+from evaluation.models import EMBEDDED, is_embedded, load_model, model_tag
 from evaluation.registry import (
     BENCHMARKS,
     DECODING_OPTIONS,
@@ -165,7 +165,7 @@ def load_samples(config: RunConfig, tokenizer) -> pd.DataFrame:
         # the embedded model's tokenizer is SmolLM2's, the data modules' default (their caches are shared)
         df = benchmark(config.dataset).load_samples(
             config.data_dir,
-            tokenizer=None if config.model == EMBEDDED else tokenizer,
+            tokenizer=None if is_embedded(config.model) else tokenizer,
             tasks=cli.comma_list(config.tasks) or None,
             samples_per_task=config.samples_per_task,
             data_source=config.data_source,
@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_source", default="offline", choices=("offline", "hub"), help="ruler only")
     parser.add_argument("--tasks", default=None, help="ruler (offline): comma-separated task subset")
     parser.add_argument("--samples_per_task", type=int, default=None, help="ruler (offline): samples per task")
-    parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default) or a hub id / local path")
+    parser.add_argument("--model", default=EMBEDDED,
+                        help="'embedded' (default), 'embedded-sparse8' (8 of 64 experts) or a hub id / local path")
     parser.add_argument("--press_name", default="no_press", help="comma-separated names from evaluation.registry")
     parser.add_argument("--compression_ratio", default="0.5", help="comma-separated ratios in [0, 1)")
     parser.add_argument("--scoring", default="generate", choices=tuple(SCORINGS),

@@ -2,6 +2,7 @@
 
     python -m evaluation.routing_ablation [--length 1024] [--chunks 10] [--chunk_size 1] [--ratios 0.5,0.75]
                                           [--presses no_press,tova,...] [--tasks niah_single_1,...] [--threads 1]
+                                          [--model embedded|embedded-sparse8]
 
 The samples of every RULER task at ``--length`` are cut into chunks (chunk ``k`` holds samples ``k * chunk_size`` to
 ``(k + 1) * chunk_size - 1`` of each task, written as a local dataset file), and each chunk is one
@@ -9,7 +10,9 @@ The samples of every RULER task at ``--length`` are cut into chunks (chunk ``k``
 Finished chunks are skipped, so an interrupted ablation resumes where it stopped and a later call with more chunks
 adds samples. The report (``ablation.md`` in ``--output_dir``) pools the finished chunks that hold every press and
 ratio: per press and ratio the score (mean over tasks, 0-100) with its 95% bootstrap interval, and paired differences
-to the full cache and to the base press TOVA at the same ratio.
+to the full cache and to the base press TOVA at the same ratio. ``--model`` chooses the embedded model's variant
+(``embedded-sparse8``: 8 of 64 routed experts per token); run folders are named after its artifact, so the runs of
+two variants never mix, though a separate ``--output_dir`` per variant keeps the reports apart.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks
     return path
 
 
-def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threads: int | None) -> int:
-    argv = ["--dataset", "ruler", "--data_dir", str(path), "--press_name", ",".join(presses),
+def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threads: int | None,
+              model: str = EMBEDDED) -> int:
+    argv = ["--dataset", "ruler", "--data_dir", str(path), "--model", model, "--press_name", ",".join(presses),
             "--compression_ratio", ratios, "--scoring", "teacher_forced", "--max_new_tokens", "32",
             "--output_dir", str(runs_dir)]
     if threads:
@@ -61,28 +65,31 @@ def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threa
     return evaluate.main(argv)
 
 
-def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float) -> Path:
+def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = EMBEDDED) -> Path:
     ratio = 0.0 if press == "no_press" else ratio
-    return runs_dir / f"ruler__{path.stem}__{model_tag(EMBEDDED)}__{press}__{ratio:.2f}__teacher_forced"
+    return runs_dir / f"ruler__{path.stem}__{model_tag(model)}__{press}__{ratio:.2f}__teacher_forced"
 
 
 def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float],
-           tasks: list[str] | None = None) -> str:
-    """The pooled table of the chunks in ``files`` that hold every run (their samples of ``tasks`` only, if given)."""
+           tasks: list[str] | None = None, model: str = EMBEDDED) -> str:
+    """The pooled table of the chunks in ``files`` that hold every run of ``model`` (their samples of ``tasks``
+    only, if given)."""
     runs_dir = output_dir / "runs"
     wanted = [(p, r) for p in presses for r in ([0.0] if p == "no_press" else ratios)]
-    complete = [f for f in files if all((_run_dir(runs_dir, f, p, r) / "metrics.json").exists() for p, r in wanted)]
+    complete = [f for f in files
+                if all((_run_dir(runs_dir, f, p, r, model) / "metrics.json").exists() for p, r in wanted)]
     if not complete:
         return "no finished chunk yet"
     scores = {}
     for press, ratio in wanted:
-        parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio) / "predictions.csv") for f in complete]
+        parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio, model) / "predictions.csv")
+                 for f in complete]
         pooled = pd.concat(parts, ignore_index=True)
         scores[(press, ratio)] = pooled if tasks is None else pooled[pooled["task"].isin(tasks)].reset_index(drop=True)
     full = scores[("no_press", 0.0)]
     tasks = full["task"].astype(str).to_numpy()
     n_tasks = len(set(tasks))
-    lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(EMBEDDED)}`, teacher-forced (greedy writes "
+    lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, teacher-forced (greedy writes "
              f"the gold answer exactly), {len(full)} samples ({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per "
              "task), 95% bootstrap intervals (paired where a difference is shown).", "",
              "| press | ratio | score [95% CI] | vs full cache [paired] | vs TOVA same ratio [paired] | gold NLL "
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default) or a variant ('embedded-sparse8')")
     parser.add_argument("--output_dir", default="measurements/routing_ablation")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--pool_with", default="",
@@ -148,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         path = chunk_file(output_dir, args.length, chunk, args.chunk_size, cli.comma_list(args.tasks))
         files.append(path)
         if not args.report_only:
-            status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads)
+            status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model)
             if status:
                 return status
-            text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks))
+            text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks), args.model)
             (output_dir / "ablation.md").write_text(text + "\n")
     files += [Path(f) for f in cli.comma_list(args.pool_with)]
-    text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks))
+    text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks), args.model)
     (output_dir / "ablation.md").write_text(text + "\n")
     print(text)
     return 0

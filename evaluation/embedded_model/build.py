@@ -1,6 +1,6 @@
 """Assemble (once) and load the embedded default model: SmolLM2-135M-Instruct MoEfied into a ``Glm4MoeForCausalLM``.
 
-``python -m evaluation.embedded_model.build [--artifact NAME] [--out DIR] [--force]``
+``python -m evaluation.embedded_model.build [--variant sparse8 | --artifact NAME] [--out DIR] [--force]``
 
 The build is pure assembly, in seconds: the dense weights come from the SmolLM2 GGUF (dequantized once with
 transformers' GGUF loader, elementwise numpy arithmetic, into ``<cache>/models/smollm2-135m-instruct-dense``), and the
@@ -45,6 +45,25 @@ RECIPE = MoEficationRecipe()
 
 ARTIFACT = "smollm2-moe-ed1da41ac4"
 """The shipped artifact the embedded default model is assembled from (``artifacts/<ARTIFACT>.safetensors``)."""
+
+DEFAULT_VARIANT = "default"
+RECIPES: dict[str, MoEficationRecipe] = {
+    DEFAULT_VARIANT: RECIPE,
+    # sparse routing, as real MoEs route (Mixtral 2 of 8, Qwen3-MoE 8 of 128): 8 of the 64 routed experts per token,
+    # everything else as the default recipe (so it shares the default's calibration ids)
+    "sparse8": MoEficationRecipe(top_k=8),
+}
+"""The embedded model's variants by name: their recipes (``python -m evaluation.embedded_model.fit --recipe NAME``)."""
+
+ARTIFACTS: dict[str, str] = {DEFAULT_VARIANT: ARTIFACT, "sparse8": "smollm2-moe-d124916212"}
+"""The shipped artifact of each variant (``load_model("embedded-<variant>")`` in :mod:`evaluation.models`)."""
+
+
+def variant_artifact(variant: str) -> str:
+    """The shipped artifact of the variant ``variant``; ``ValueError`` naming the variants for an unknown one."""
+    if variant not in ARTIFACTS:
+        raise ValueError(f"unknown embedded-model variant {variant!r}; choose one of {sorted(ARTIFACTS)}")
+    return ARTIFACTS[variant]
 
 DENSE_DIRNAME = "smollm2-135m-instruct-dense"
 META_FILENAME = "embedded_model.json"
@@ -206,8 +225,12 @@ def load_embedded_model(
     dtype: torch.dtype = torch.float32,
     build_if_missing: bool = True,
     dense_masked: bool = True,
+    artifact: str = ARTIFACT,
 ):
     """``(Glm4MoeForCausalLM, tokenizer)`` of the embedded default model, assembling it on first use (seconds).
+
+    ``artifact`` chooses another shipped artifact (a variant, see :data:`ARTIFACTS`); ``path`` defaults to its build
+    folder, and a missing build is assembled from it.
 
     ``dense_masked`` runs its 64 small experts as two large matmuls (:mod:`pikv_press.moe.experts`; same outputs to
     rounding; a 2048-token prefill 1.5-1.6x faster than transformers' eager loop and 1.7x faster than its default
@@ -216,11 +239,13 @@ def load_embedded_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path is not None else default_model_dir()
+    path = Path(path) if path is not None else default_model_dir(artifact)
     if not (path / META_FILENAME).exists():
         if not build_if_missing:
-            raise FileNotFoundError(f"no embedded model in {path}: run `python -m evaluation.embedded_model.build`")
-        build(path)
+            raise FileNotFoundError(
+                f"no embedded model in {path}: run `python -m evaluation.embedded_model.build --artifact {artifact}`"
+            )
+        build(path, artifact)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     # the gate was scaled down after fitting (see README): tell routing-aware code by how much, per layer
     from pikv_press.moe import set_router_logit_scale
@@ -236,13 +261,16 @@ def load_embedded_model(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=ARTIFACT, help="artifact name in artifacts/ (default: the shipped one)")
+    parser.add_argument("--artifact", default=None, help="artifact name in artifacts/ (default: the shipped one)")
+    parser.add_argument(
+        "--variant", choices=sorted(ARTIFACTS), default=DEFAULT_VARIANT, help="build this variant's shipped artifact"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <cache>/models/<artifact>)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds a build")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     start_command(args.threads)
-    print(build(args.out, args.artifact, force=args.force))
+    print(build(args.out, args.artifact or variant_artifact(args.variant), force=args.force))
     return 0
 
 

@@ -47,7 +47,9 @@ from evaluation.embedded_model.artifact import (
     write_artifact,
 )
 from evaluation.embedded_model.build import (
+    DEFAULT_VARIANT,
     RECIPE,
+    RECIPES,
     assemble,
     cache_root,
     command_line,
@@ -370,17 +372,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ARTIFACT_DIR, help="artifact folder (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=DEFAULT_VARIANT,
+        help="the variant's recipe (build.RECIPES; default: the embedded default model's)",
+    )
+    parser.add_argument(
         "--export-calibration", action="store_true", help="write the calibration ids to the package (then commit them)"
     )
     args = parser.parse_args(argv)
     start_command(args.threads)
+    recipe = RECIPES[args.recipe]
     if args.export_calibration:
-        print(export_calibration(seed=args.seed))
+        print(export_calibration(recipe, seed=args.seed))
         return 0
     command = command_line("evaluation.embedded_model.fit", argv)
-    name = fit(args.seed, args.num_layers, directory=args.out, command=command)
+    name = fit(args.seed, args.num_layers, recipe=recipe, directory=args.out, command=command)
     print(name)
-    print(f"to ship it: set ARTIFACT = {name!r} in evaluation/embedded_model/build.py and commit {args.out}/{name}.*")
+    print(
+        f"to ship it: set ARTIFACTS[{args.recipe!r}] = {name!r} (ARTIFACT for the default) in "
+        f"evaluation/embedded_model/build.py and commit {args.out}/{name}.*"
+    )
     return 0
 
 

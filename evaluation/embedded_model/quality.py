@@ -1,10 +1,10 @@
 """Quality of the embedded MoE (MoEfied SmolLM2) against the dense SmolLM2-135M-Instruct.
 
-``python -m evaluation.embedded_model.quality [--model DIR] [--out results/embedded_model] [--ppl-tokens N]
-[--retrieval-samples N] [--retrieval-length L]``
+``python -m evaluation.embedded_model.quality [--model DIR | --variant sparse8] [--out results/embedded_model]
+[--ppl-tokens N] [--retrieval-samples N] [--retrieval-length L]``
 
-The report names the artifact the model was assembled from (``--model``: a build folder; default: the shipped
-artifact's).
+The report names the artifact the model was assembled from (``--model``: a build folder; ``--variant``: the build
+folder of a variant's shipped artifact, assembled if missing; default: the shipped default artifact's).
 
 Measured (all on text never used for calibration):
 
@@ -35,6 +35,8 @@ import torch
 
 from evaluation.embedded_model.artifact import read_artifact
 from evaluation.embedded_model.build import (
+    ARTIFACTS,
+    DEFAULT_VARIANT,
     META_FILENAME,
     command_line,
     default_model_dir,
@@ -42,6 +44,7 @@ from evaluation.embedded_model.build import (
     load_embedded_model,
     repo_root,
     start_command,
+    variant_artifact,
     write_report,
 )
 from evaluation.embedded_model.moefy import LayerSplit, MoEfiedMLP, install_reference_moe
@@ -231,7 +234,10 @@ def markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="built model folder (default: the cache)")
+    parser.add_argument("--model", type=Path, default=None, help="built model folder (default: the variant's)")
+    parser.add_argument(
+        "--variant", choices=sorted(ARTIFACTS), default=DEFAULT_VARIANT, help="the variant to score"
+    )
     parser.add_argument("--out", type=Path, default=repo_root() / "results" / "embedded_model")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="tokens per domain for perplexity")
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -250,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
-    model_dir = args.model or default_model_dir()
+    artifact = variant_artifact(args.variant)
+    model_dir = args.model or default_model_dir(artifact)
     if not (model_dir / META_FILENAME).exists():
         from evaluation.embedded_model.build import build
 
-        build(model_dir)
+        build(model_dir, artifact)
     meta = json.loads((model_dir / META_FILENAME).read_text())
     top_k = meta["recipe"]["top_k"]
     moe = AutoModelForCausalLM.from_pretrained(model_dir).eval()
