@@ -411,6 +411,9 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
             shards = [(e, rows) for e, rows in shards if e != LOCAL]
         if self.query_experts is None:
             return [(e, rows, None) for e, rows in shards]
+        if self.query_experts.shape[0] == 1:  # one query (decoding): its experts' shards, read whole
+            wanted = set(self.query_experts[0].tolist())
+            return [(e, rows, None) for e, rows in shards if e == LOCAL or e in wanted]
         selected = []
         for expert, rows in shards:
             if expert == LOCAL:
