@@ -306,3 +306,13 @@ def test_pikv_sharded_over_a_dynamic_cache_is_plain_attention(family):
     reference = run(eager, DynamicCache(config=eager.config), ids)
     out = run(sharded, DynamicCache(config=sharded.config), ids)
     torch.testing.assert_close(out, reference, **TOL)
+
+
+def test_another_attention_reading_the_cache_is_refused():
+    """A cache whose updates no pikv_sharded attention reads (the model was switched to SDPA) raises in that forward
+    instead of silently attending over the new tokens only."""
+    model = build_model("olmoe", attn_implementation="pikv_sharded")
+    with ExpertShardedCache(model) as cache:
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(ValueError, match="never read by the sharded attention"), torch.no_grad():
+            model(token_ids()[:, :PREFILL], past_key_values=cache)
