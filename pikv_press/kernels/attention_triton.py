@@ -12,9 +12,9 @@ One kernel serves three caches, chosen by compile-time flags:
   per channel in groups of tokens, values per token in groups of channels), dequantized in registers tile by tile,
   rounded to the cache dtype as the reference's ``dequantize`` does, never written out in full precision.
 
-Grid: (batch x kv heads, key splits, row blocks). A program holds up to ``MAX_BLOCK_R`` of the ``group x Q`` query
-rows of one kv head (GQA without repeating keys; many queries, as in a prefill, take several row blocks), walks its
-split of the keys in blocks with an online softmax in float32, and writes a partial output and log-sum-exp;
+Grid: (batch x kv heads, key splits, row blocks). A program holds up to 64 of the ``group x Q`` query rows of one kv
+head (:func:`launch_config`; GQA without repeating keys; many queries, as in a prefill, take several row blocks), walks
+its split of the keys in blocks with an online softmax in float32, and writes a partial output and log-sum-exp;
 :func:`merge` combines the splits (and, for ``merge_partials``, shards) exactly. Products use ``tl.dot`` on float32
 tiles with ``input_precision="ieee"`` (no TF32), so half-precision inputs are widened first. Made for decoding: a
 prefill runs (every row block reads every key, no causal block skipping) but is not what it is tuned for.
@@ -30,7 +30,17 @@ from pikv_press.kernels._dispatch import interpreting
 
 INTERPRETED = interpreting()
 _DOT_MIN = 16  # tl.dot needs every tile side >= 16
-MAX_BLOCK_R = 64  # query rows a program holds
+NUM_WARPS = 8
+_TILE_ELEMENTS = 8192  # float32 elements of the query-rows x head-dim tile and of the keys x head-dim tile
+
+
+def launch_config(rows_per_head: int, block_d: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_N)``: query rows a program holds and keys a step, sized so that the float32 tiles fit in
+    registers at ``NUM_WARPS`` warps (checked without a GPU by compiling for sm_90 with Triton's ptxas:
+    ``tests/kernel_compile_check.py`` reports no spills for these sizes)."""
+    block_r = min(max(triton.next_power_of_2(rows_per_head), _DOT_MIN), max(_DOT_MIN, _TILE_ELEMENTS // block_d))
+    block_n = 32 if block_r * block_d <= _TILE_ELEMENTS // 2 else _DOT_MIN
+    return block_r, block_n
 
 
 @triton.jit
@@ -180,13 +190,19 @@ def _merge_kernel(
     tl.store(lse_ptr + rows, merged, mask=row_ok)
 
 
+def merge_block_rows(value_dim: int) -> int:
+    """Rows a merge program combines: a (rows, value_dim) float32 tile of at most 2048 elements."""
+    return max(2, min(16, 2048 // max(triton.next_power_of_2(value_dim), 1)))
+
+
 def merge(parts: torch.Tensor, lses: torch.Tensor, out_dtype: torch.dtype,
-          block_rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+          block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials ``parts`` ``(n, rows, Dv)`` with ``lses`` ``(n, rows)`` float32: ``(out (rows, Dv), lse
     (rows,))``."""
     n, rows, dv = parts.shape
     out = torch.empty(rows, dv, dtype=out_dtype, device=parts.device)
     lse = torch.empty(rows, dtype=torch.float32, device=parts.device)
+    block_rows = block_rows or merge_block_rows(dv)
     if rows:
         _merge_kernel[(triton.cdiv(rows, block_rows),)](
             parts, *parts.stride(), lses, *lses.stride(), out, *out.stride(), lse, n, rows, dv,
@@ -246,13 +262,12 @@ def decode_attention(
     block_dv = max(triton.next_power_of_2(value_dim), _DOT_MIN)
     if value is None:
         block_dv = block_d
-    if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
     parts = torch.empty(splits, rows_total, value_dim, dtype=torch.float32, device=device)
     lses = torch.empty(splits, rows_total, dtype=torch.float32, device=device)
     k_scale, k_zero, k_bits, k_group = key_quant if key_quant is not None else (None, None, 8, 1)
     v_scale, v_zero, v_bits, v_group = value_quant if value_quant is not None else (None, None, 8, 1)
-    block_r = min(max(triton.next_power_of_2(rows_per_head), _DOT_MIN), MAX_BLOCK_R)
+    block_r, default_block_n = launch_config(rows_per_head, max(block_d, block_dv))
+    block_n = default_block_n if block_n is None else block_n
     _decode_attention_kernel[(batch * kv_heads, splits, triton.cdiv(rows_per_head, block_r))](
         *_args(query, query), *_args(query2, query),
         *_args(key, query), *_args(k_scale, query), k_zero if k_zero is not None else query,
@@ -267,6 +282,7 @@ def decode_attention(
         V_GROUP=v_group, KV_DTYPE=_TORCH_TO_TL[kv_dtype],
         BLOCK_R=block_r, BLOCK_N=max(block_n, _DOT_MIN),
         BLOCK_D=block_d, BLOCK_D2=max(triton.next_power_of_2(dim2), _DOT_MIN), BLOCK_DV=block_dv,
+        num_warps=NUM_WARPS,
     )
     out, lse = merge(parts, lses, query.dtype)
     return out.view(batch, q_heads, q_len, value_dim), lse.view(batch, q_heads, q_len)

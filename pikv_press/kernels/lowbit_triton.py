@@ -87,6 +87,17 @@ def _quantize_kernel(
              mask=t_ok[:, None] & (pd < PD)[None, :])
 
 
+NUM_WARPS = 4
+_TILE_ELEMENTS = 4096  # elements of a program's tile
+
+
+def block_tokens(block_d: int, group_size: int, along_last: bool, seq: int) -> int:
+    """Tokens a program quantizes: a group of tokens (``axis=-2``) or up to ``4096 / head_dim`` rows."""
+    if not along_last:
+        return triton.next_power_of_2(group_size)
+    return max(1, min(triton.next_power_of_2(seq), _TILE_ELEMENTS // block_d))
+
+
 def quantize_supported(x: torch.Tensor, group_size: int, axis: int) -> tuple[bool, str]:
     """Whether the kernel handles this call, and why not."""
     if x.dim() < 2 or axis % x.dim() not in (x.dim() - 1, x.dim() - 2):
@@ -118,15 +129,16 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int,
     per_byte = 8 // bits
     block_d = max(triton.next_power_of_2(dim), group_size if along_last else 1, per_byte)
     if along_last:
-        block_t = block_t or max(1, min(triton.next_power_of_2(seq), 4096 // block_d))
+        block_t = block_t or block_tokens(block_d, group_size, True, seq)
         grid_t = triton.cdiv(seq, block_t)
     else:
-        block_t = triton.next_power_of_2(group_size)
+        block_t = block_tokens(block_d, group_size, False, seq)
         grid_t = seq // group_size
     if mats and grid_t:
         _quantize_kernel[(mats, grid_t)](
             flat, packed, scale, zero, seq, dim, pdim, stats_shape[-1] if along_last else 1,
             BITS=bits, GROUP=group_size, ALONG_LAST=along_last, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=NUM_WARPS,
         )
     return (packed.view(*lead, seq, pdim), scale.view(*lead, *stats_shape[1:]), zero.view(*lead, *stats_shape[1:]))
 

@@ -33,7 +33,7 @@ def _routing_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < S
         in_window = t_ok & (t >= S - WINDOW)
-        for j in tl.static_range(M):
+        for j in range(M):
             e = tl.load(base + t.to(tl.int64) * i_st + j * i_sk, mask=t_ok, other=-1)
             hit = (e[:, None] == experts[None, :]).to(tl.int32)
             counts += tl.sum(hit, axis=0)
@@ -47,20 +47,24 @@ def _routing_kernel(
         t_ok = t < S
         hits = tl.full([BLOCK_T], 0, dtype=tl.int32)
         nats = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
-        for j in tl.static_range(M):
+        for j in range(M):  # in order, as the reference adds (0.0 + x == x)
             e = tl.load(base + t.to(tl.int64) * i_st + j * i_sk, mask=t_ok, other=-1)
             hit = e[:, None] == experts[None, :]
             hits += tl.sum(tl.where(hit, window[None, :], 0), axis=1)
-            nat = tl.sum(tl.where(hit, surprise[None, :], 0.0), axis=1)  # one expert matches: exact
-            if j == 0:
-                nats = nat
-            else:
-                nats = nats + nat
+            nats += tl.sum(tl.where(hit, surprise[None, :], 0.0), axis=1)  # one expert matches: exact
         tl.store(affinity_ptr + layer * S + t, tl.div_rn(hits.to(tl.float32), aff_den), mask=t_ok)
         tl.store(novelty_ptr + layer * S + t, tl.div_rn(nats, m_float), mask=t_ok)
 
 
-def routing_features(ids: torch.Tensor, num_experts: int, m: int, window: int, block_t: int = 64):
+NUM_WARPS = 4
+
+
+def block_tokens(num_experts: int) -> int:
+    """Tokens a step: the one-hot (tokens, experts) tile stays at 4096 elements."""
+    return max(16, 4096 // triton.next_power_of_2(num_experts))
+
+
+def routing_features(ids: torch.Tensor, num_experts: int, m: int, window: int, block_t: int | None = None):
     """Launch the kernel (inputs checked by the reference module)."""
     from pikv_press.kernels.routing_features import RoutingFeatures
 
@@ -73,6 +77,7 @@ def routing_features(ids: torch.Tensor, num_experts: int, m: int, window: int, b
         _routing_kernel[(layers,)](
             ids, *ids.stride(), counts, window_counts, affinity, novelty,
             seq, num_experts, window, float(m * m * window), float(m * seq), float(m),
-            M=m, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
+            M=m, BLOCK_T=block_t or block_tokens(num_experts), BLOCK_E=triton.next_power_of_2(num_experts),
+            num_warps=NUM_WARPS,
         )
     return RoutingFeatures(counts, window_counts, affinity, novelty)

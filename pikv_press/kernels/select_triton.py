@@ -4,9 +4,10 @@ One program per (batch, kv head) row:
 
 1. radix search, 4 bits a pass (8 passes over the row's scores, 16 candidate thresholds counted at once): the
    ``n``-th largest order-preserving ``uint32`` key of the float32 scores, exactly, without sorting;
-2. one pass that counts the keys above that threshold, then one pass that keeps every key above it and the first
-   ties in index order, writes the kept positions at the row's offset (prefix sums) and copies the kept keys and
-   values rows (masked loads: only kept rows are read).
+2. one pass that counts the keys above that threshold, then one pass (in smaller steps, so that a step's key and value
+   rows fit in registers) that keeps every key above it and the first ties in index order, writes the kept positions
+   at the row's offset (prefix sums) and copies the kept keys and values rows (masked loads: only kept rows are
+   read).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _select_kernel(
     v_ptr, v_sb, v_sh, v_st, v_sd,
     ko_ptr, vo_ptr,
     H, S, D, DV,
-    GATHER: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GATHER: tl.constexpr, BLOCK: tl.constexpr, BLOCK_KEEP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // H
@@ -80,8 +82,8 @@ def _select_kernel(
     dv = tl.arange(0, BLOCK_DV)
     k_base = k_ptr + b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
     v_base = v_ptr + b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
-    for start in range(0, S, BLOCK):
-        offs = start + lanes
+    for start in range(0, S, BLOCK_KEEP):
+        offs = start + tl.arange(0, BLOCK_KEEP)
         inside = offs < S
         u = _order_key(tl.load(s_base + offs.to(tl.int64) * s_st, mask=inside, other=0.0).to(tl.float32))
         tie = ((u == threshold) & inside).to(tl.int32)
@@ -102,9 +104,15 @@ def _select_kernel(
         ties_before += tl.sum(tie, axis=0)
 
 
+SEARCH_BLOCK = 1024  # tokens a step of the radix search
+GATHER_BLOCK = 32  # tokens a step of the keep-and-gather pass (a (32, head_dim) tile stays in registers)
+NUM_WARPS = 4
+
+
 def select_ragged(scores: torch.Tensor, budgets: torch.Tensor, keys: torch.Tensor | None,
                   values: torch.Tensor | None, block: int | None = None):
-    """Launch the kernel; inputs are checked by :mod:`pikv_press.kernels.select`. ``block``: tokens per step."""
+    """Launch the kernel; inputs are checked by :mod:`pikv_press.kernels.select`. ``block``: tokens per step of
+    every pass (tests use a small one to cross many blocks)."""
     from pikv_press.kernels.select import RaggedKV
 
     batch, heads, seq = scores.shape
@@ -124,11 +132,11 @@ def select_ragged(scores: torch.Tensor, budgets: torch.Tensor, keys: torch.Tenso
         k_args = v_args = (indices, 0, 0, 0, 0)
         dim = vdim = 1
     if rows and seq and total:
-        block = block or (256 if gather else 1024)
         _select_kernel[(rows,)](
             scores, *scores.stride(), budgets.reshape(-1).contiguous(), offsets, indices,
             *k_args, *v_args, out_k, out_v, heads, seq, dim, vdim,
-            GATHER=gather, BLOCK=block, BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(vdim),
+            GATHER=gather, BLOCK=block or SEARCH_BLOCK, BLOCK_KEEP=block or (GATHER_BLOCK if gather else SEARCH_BLOCK),
+            BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(vdim), num_warps=NUM_WARPS,
         )
     return RaggedKV(out_k if gather else None, out_v if gather else None, indices, offsets)
 
