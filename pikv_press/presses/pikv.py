@@ -27,7 +27,13 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
     * ratio 0.75, TOVA 25.9 [11.1, 40.7]: ExpertBalancedPress +7.4 [-7.4, +22.2] (NLL -0.39 [-0.92, +0.13]),
       RoutingNoveltyPress +7.4 [-7.4, +22.2] (NLL +0.64 [-0.16, +1.53]), RouterAffinityPress -22.2 [-37.0, -7.4].
 
-    Two features hurt at 0.5 and nothing beat TOVA beyond noise at 0.75. Among kvpress baselines TOVA led at 0.5
+    Two features hurt at 0.5 and nothing beat TOVA beyond noise at 0.75. TOVA is not the best kvpress press
+    everywhere either: on needle-in-a-haystack contexts (``python -m evaluation.needle_heatmap``: Paul Graham essays,
+    1k/2k/4k tokens x 5 depths, one sample per cell, teacher-forced) the full cache writes the needle 15/15, and at
+    ratio 0.5 StreamingLLM 9/15, ExpectedAttention 4/15 and this press 1/15 (at 0.75: 3, 0 and 1 of 15); on RULER-1k
+    (``make demo``, 32 samples at 0.5) ExpectedAttention with AdaKV led (53.1) ahead of TOVA (43.8) and StreamingLLM
+    (34.4), with overlapping intervals. No single kvpress scorer leads on both haystacks, so this press has not been
+    switched to another on this evidence. Among kvpress baselines TOVA led at 0.5
     (StreamingLLM 48.1, SnapKV 33.3, Knorm 33.3); at 0.75 StreamingLLM's 37.0 was +11.1 [-7.4, +29.6] over TOVA, within
     noise. Routing predicted from the attention input was not an option on that model: it matches the experts'
     actual top-1 for 11% of the tokens and recalls 57% of the top-32 (chance: 50%).
