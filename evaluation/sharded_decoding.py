@@ -202,7 +202,7 @@ def report(path: Path) -> str:
              "| k | KV bytes read / step | fewer bytes than all | decode ms/token (CPU) | sharded attention "
              "ms/token | KL vs all (nats) | teacher-forced accuracy | vs all (95% CI) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    order = sorted(sharded["k"].unique(), key=lambda k: math.inf if k == "all" else -int(k))
+    order = sorted(sharded["k"].unique(), key=lambda k: -math.inf if k == "all" else -int(k))  # all, then large k
     for k in order:
         part = sharded[sharded["k"] == k].set_index(["task", "index"])
         common = part.index.intersection(full.index)
