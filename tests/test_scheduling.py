@@ -363,18 +363,21 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_nothing_left_behind_when_forward_raises():
-    model = get_model("qwen3_moe")
-    modules = [layer.self_attn for layer in model.model.layers]
+    model = get_model("qwen3_moe")  # shared: a ragged cache of an earlier test may keep its mask fitting alive
+
+    def hooks():
+        return {(name, kind, key) for name, module in model.named_modules()
+                for kind, table in (("fwd", module._forward_hooks), ("pre", module._forward_pre_hooks))
+                for key in table}
 
     def boom(start, logits):
         raise RuntimeError("boom")
 
+    before = hooks()
     with pytest.raises(RuntimeError, match="boom"):
         chunked_prefill(model, ids(10, 30), 16, 8, ExpertAwarePolicy(), on_logits=boom)
     assert model.config._attn_implementation == "sdpa"
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
-    assert not model.model._forward_pre_hooks
-    assert all(not layer.mlp._forward_pre_hooks for layer in model.model.layers)
+    assert hooks() <= before
     # and the model still runs as before
     with torch.no_grad():
         model(input_ids=ids(10, 5))
