@@ -15,6 +15,8 @@ Public API
 - :class:`RouterTap`: analysis of actual and predicted routing of every MoE layer, in prefill and decoding.
 - :func:`make_cache`, :func:`layer_access`, :func:`cache_nbytes` / :func:`cache_lengths`: caches by name, the one
   cache-layer interface, and what a cache really holds.
+- :class:`PackedKVCache` (KIVI-style packed int8/int4/int2 keys and values) and :class:`LowRankKeyCache` (keys on
+  their top singular directions): caches that hold fewer bytes and compose with eviction presses.
 - :class:`PiKVPress` (today TOVA made MoE-correct: routing did not help in the first ablation) and the experimental
   routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
   :class:`RoutingLayerBudgetPress`.
@@ -23,7 +25,16 @@ Public API
 
 import kvpress as _kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline; changes nothing else)
 
-from pikv_press.cache import KVLayerAccess, cache_lengths, cache_nbytes, layer_access, make_cache, register_cache
+from pikv_press.cache import (
+    KVLayerAccess,
+    LowRankKeyCache,
+    PackedKVCache,
+    cache_lengths,
+    cache_nbytes,
+    layer_access,
+    make_cache,
+    register_cache,
+)
 from pikv_press.compat import MoEAware, is_moe_aware, kvpress_moe_support, ragged_cache_masks
 from pikv_press.compat import install as install_kvpress_compat
 from pikv_press.compat import uninstall as uninstall_kvpress_compat
@@ -50,8 +61,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpertBalancedPress",
     "KVLayerAccess",
+    "LowRankKeyCache",
     "MoEAnatomy",
     "MoEAware",
+    "PackedKVCache",
     "PiKVPress",
     "RouterAffinityPress",
     "RouterScoring",
