@@ -333,7 +333,13 @@ def _compress_layer(press: BasePress, view: AttentionView, kwargs: dict, attenti
     kept_keys, kept_values = press.compress(view, kwargs["hidden_states"], canonical_keys, canonical_values,
                                             attentions, kwargs)
     if kept_keys is canonical_keys and kept_values is canonical_values:
-        return  # nothing pruned (AdaKV masks, ratio 0): leave the layer as it is
+        # Nothing pruned (AdaKV masks, ratio 0), or changed in place (ThinK zeroes key channels). Where the canonical
+        # tensors are copies of the cache (a layout transform, a quantized or low-rank layer), an in-place change
+        # must be written back: compare with a fresh read.
+        fresh_keys, fresh_values = access.read()
+        if torch.equal(layout.keys_to_canonical(fresh_keys), kept_keys) and torch.equal(
+                layout.values_to_canonical(fresh_values), kept_values):
+            return
     access.write(layout.keys_from_canonical(kept_keys), layout.values_from_canonical(kept_values))
 
 

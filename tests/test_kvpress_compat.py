@@ -497,3 +497,24 @@ def test_unknown_moe_architecture_warns_and_known_family_with_unexpected_layout_
     broken.model.layers[1].mlp = torch.nn.Identity()  # config says MoE, module has no router
     with pytest.raises(ValueError, match="layer 1"):
         _prefill(broken, _ids(), MoEAware(KnormPress(RATIO)))
+
+
+@pytest.mark.parametrize("family, cache_name", [("qwen3_moe", "packed-int8"), ("glm4_moe", "dynamic"),
+                                                ("deepseek_v3", "dynamic")])
+def test_in_place_presses_reach_caches_read_as_copies(family, cache_name):
+    """ThinK zeroes key channels in place and returns the same tensor: on a quantized layer, or under a layout
+    transform (GLM's partial RoPE, DeepSeek's MLA keys), the canonical keys are a copy, and the change must still reach
+    the cache (zero channels quantize to exact zeros)."""
+    from kvpress import ThinKPress
+
+    from pikv_press.cache import layer_access, make_cache
+
+    model = build_model(family)
+    cache = make_cache(cache_name, model.config)
+    with torch.no_grad(), MoEAware(ThinKPress(key_channel_compression_ratio=0.5, window_size=4))(model):
+        model.model(input_ids=_ids(), past_key_values=cache)
+    layout = AttentionLayout(get_anatomy(model).attention(0), get_anatomy(model).family, model.config)
+    keys, _ = layer_access(cache.layers[0]).read()
+    canonical = layout.keys_to_canonical(keys)
+    zero_channels = (canonical == 0).all(dim=2)  # (batch, heads, dim): channels zero over every token
+    assert int(zero_channels.sum(-1).min()) >= canonical.shape[-1] // 2
