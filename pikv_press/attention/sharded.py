@@ -3,7 +3,7 @@ shard, merged exactly with log-sum-exp.
 
 Importing this module registers the function with transformers' ``AttentionInterface``::
 
-    import pikv_press.attention  # registers "pikv_sharded"
+    pikv_press.attention.register_sharded_attention()  # or import this module
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="pikv_sharded")
 
 With ``ExpertShardedCache(distributed=True)`` the partials of each rank's shards are merged across ranks by one

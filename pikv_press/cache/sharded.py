@@ -577,7 +577,7 @@ class ExpertShardedCache(Cache):
             raise ValueError(
                 f"ExpertShardedCache is read by the sharded attention only; this model uses {implementation!r}. Load "
                 f"it with attn_implementation={SHARDED_ATTENTION!r} or call "
-                f"model.set_attn_implementation({SHARDED_ATTENTION!r}) (import pikv_press.attention first)."
+                f"model.set_attn_implementation({SHARDED_ATTENTION!r}) (after pikv_press.attention.register_sharded_attention())."
             )
         if sink_tokens < 0 or recent_tokens < 0:
             raise ValueError(f"sink_tokens and recent_tokens must be >= 0; got {sink_tokens}, {recent_tokens}.")
