@@ -576,8 +576,8 @@ class ExpertShardedCache(Cache):
         if implementation != SHARDED_ATTENTION:
             raise ValueError(
                 f"ExpertShardedCache is read by the sharded attention only; this model uses {implementation!r}. Load "
-                f"it with attn_implementation={SHARDED_ATTENTION!r} or call "
-                f"model.set_attn_implementation({SHARDED_ATTENTION!r}) (after pikv_press.attention.register_sharded_attention())."
+                f"it with attn_implementation={SHARDED_ATTENTION!r} or call model.set_attn_implementation("
+                f"{SHARDED_ATTENTION!r}), after pikv_press.attention.register_sharded_attention()."
             )
         if sink_tokens < 0 or recent_tokens < 0:
             raise ValueError(f"sink_tokens and recent_tokens must be >= 0; got {sink_tokens}, {recent_tokens}.")
