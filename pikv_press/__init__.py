@@ -16,7 +16,13 @@ Public API
 - :func:`make_cache`, :func:`layer_access`, :func:`cache_nbytes` / :func:`cache_lengths`: caches by name, the one
   cache-layer interface, and what a cache really holds.
 - :class:`PackedKVCache` (KIVI-style packed int8/int4/int2 keys and values) and :class:`LowRankKeyCache` (keys on
-  their top singular directions): caches that hold fewer bytes and compose with eviction presses.
+  their top singular directions): caches that hold fewer bytes and compose with eviction presses;
+  :class:`LatentCache` (the latent of DeepSeek's multi-head latent attention, with
+  :func:`pikv_press.attention.enable_latent_attention`) and :class:`ExpertShardedCache` (per-expert ragged shards,
+  read by ``attn_implementation="pikv_sharded"`` after :func:`pikv_press.attention.register_sharded_attention`).
+- :mod:`pikv_press.scheduling`: decode-time policies (H2O, StreamingLLM, Quest-style pages, LRU, LFU, expert-aware) and
+  bounded-memory chunked prefill (:func:`pikv_press.scheduling.chunked_prefill`).
+- :mod:`pikv_press.kernels`: Triton kernels beside their torch references (``PIKV_KERNELS=auto|torch|triton``).
 - :class:`PiKVPress` (today TOVA made MoE-correct: routing did not help in the first ablation) and the experimental
   routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
   :class:`RoutingLayerBudgetPress`.
@@ -26,7 +32,9 @@ Public API
 import kvpress as _kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline; changes nothing else)
 
 from pikv_press.cache import (
+    ExpertShardedCache,
     KVLayerAccess,
+    LatentCache,
     LowRankKeyCache,
     PackedKVCache,
     cache_lengths,
@@ -60,7 +68,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpertBalancedPress",
+    "ExpertShardedCache",
     "KVLayerAccess",
+    "LatentCache",
     "LowRankKeyCache",
     "MoEAnatomy",
     "MoEAware",
