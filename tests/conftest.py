@@ -37,6 +37,13 @@ def get_model(family: str, attn_implementation: str | None = None):
     return _MODELS[key]
 
 
+def press_hooks(model) -> list:
+    """The forward hooks and pre-hooks on every module of ``model`` (transformers' own output capturing aside)."""
+    return [hook for module in model.modules()
+            for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+            if "output_capturing" not in getattr(hook, "__qualname__", "")]
+
+
 @pytest.fixture(params=MOE_FAMILY_NAMES)
 def family(request) -> str:
     return request.param

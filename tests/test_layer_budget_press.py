@@ -19,16 +19,11 @@ from pikv_press.presses import RoutingLayerBudgetPress
 from pikv_press.presses.routing_layer_budget import routing_statistic
 from pikv_press.testing import VOCAB
 from tests.conftest import get_model
+from tests.conftest import press_hooks as _press_hooks
 
 
 def _ids(n: int = 48, seed: int = 0) -> torch.Tensor:
     return torch.randint(5, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _press_hooks(model) -> list:
-    return [hook for module in model.modules()
-            for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-            if "output_capturing" not in getattr(hook, "__qualname__", "")]
 
 
 def test_routing_statistic_exact_values():

@@ -21,6 +21,7 @@ from pikv_press.presses.base import combine, lexicographic_scores, membership, q
 from pikv_press.presses.expert_balanced import expert_budgets
 from pikv_press.testing import VOCAB, build_model
 from tests.conftest import get_model
+from tests.conftest import press_hooks as _press_hooks
 
 # families whose cache layout is kvpress's own (kept rows can be matched to the full cache as they are)
 PLAIN_LAYOUT = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "phimoe"]
@@ -28,12 +29,6 @@ PLAIN_LAYOUT = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "phimoe"]
 
 def _ids(n: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randint(5, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _press_hooks(model) -> list:
-    return [hook for module in model.modules()
-            for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-            if "output_capturing" not in getattr(hook, "__qualname__", "")]
 
 
 def _kept_rows(full: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
