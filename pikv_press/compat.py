@@ -231,7 +231,7 @@ ROUTING_KWARG = "pikv_routing"
 
 def needs_routing(press: BasePress) -> bool:
     """Whether ``press`` or a press nested in it reads the actual routing of each layer (``needs_routing``)."""
-    return any(bool(getattr(p, "needs_routing", False)) for p in inner_presses(press))
+    return _any_inner(press, "needs_routing")
 
 
 def plan_layers(press: BasePress, routing: dict, layers: list[int]) -> None:
@@ -243,7 +243,12 @@ def plan_layers(press: BasePress, routing: dict, layers: list[int]) -> None:
 
 
 def _needs_all_layers(press: BasePress) -> bool:
-    return any(bool(getattr(p, "needs_all_layers", False)) for p in inner_presses(press))
+    """Whether ``press`` or a press nested in it budgets across layers (``needs_all_layers``)."""
+    return _any_inner(press, "needs_all_layers")
+
+
+def _any_inner(press: BasePress, flag: str) -> bool:
+    return any(bool(getattr(p, flag, False)) for p in inner_presses(press))
 
 
 def routing_source_layer(anatomy: MoEAnatomy, layer_idx: int) -> int:
