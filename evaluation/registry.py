@@ -92,6 +92,7 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
                                                                                routing="predicted"),
     "expert_balanced_tova_top4": lambda: pikv_presses.ExpertBalancedPress(press=kp.TOVAPress(), experts_per_token=4),
     "expert_balanced_knorm": lambda: pikv_presses.ExpertBalancedPress(press=kp.KnormPress()),
+    "expert_balanced_streaming_llm": lambda: pikv_presses.ExpertBalancedPress(press=kp.StreamingLLMPress()),
     "router_affinity": pikv_presses.RouterAffinityPress,
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
 }

@@ -33,6 +33,8 @@ BASELINES = ("tova", "streaming_llm", "snapkv", "knorm")
 ROUTING = ("expert_balanced_tova", "router_affinity_tova", "routing_novelty_tova")
 DEFAULT_PRESSES = ("no_press", *BASELINES, *ROUTING)
 REFERENCE = "tova"
+FEATURE_PREFIXES = ("expert_balanced_", "router_affinity_", "routing_novelty_", "layer_budget_")
+VARIANT_SUFFIXES = ("_predicted", "_top4")
 # RULER's retrieval tasks. The aggregation tasks (cwe, fwe) and variable tracking (vt) are left out by default: the
 # embedded 135M model scores ~0 on them with the full cache, so they cannot show a press's loss, and scoring their
 # many values by teacher forcing costs ~10x a retrieval sample.
@@ -65,6 +67,20 @@ def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threa
     return evaluate.main(argv)
 
 
+def reference_press(press: str, presses: list[str]) -> str | None:
+    """The press that ``press`` is paired against, the same press with one thing switched off: a variant
+    (``expert_balanced_tova_predicted``) against the press it varies (``expert_balanced_tova``: predicted vs actual
+    routing), a routing feature (``expert_balanced_streaming_llm``) against its base scorer (``streaming_llm``), a
+    base scorer against nothing. Only presses in ``presses`` are references."""
+    for suffix in VARIANT_SUFFIXES:
+        if press.endswith(suffix) and press.removesuffix(suffix) in presses:
+            return press.removesuffix(suffix)
+    for prefix in FEATURE_PREFIXES:
+        if press.startswith(prefix) and press.removeprefix(prefix) in presses:
+            return press.removeprefix(prefix)
+    return None
+
+
 def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = EMBEDDED) -> Path:
     ratio = 0.0 if press == "no_press" else ratio
     return runs_dir / f"ruler__{path.stem}__{model_tag(model)}__{press}__{ratio:.2f}__teacher_forced"
@@ -92,8 +108,9 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
     lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, teacher-forced (greedy writes "
              f"the gold answer exactly), {len(full)} samples ({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per "
              "task), 95% bootstrap intervals (paired where a difference is shown).", "",
-             "| press | ratio | score [95% CI] | vs full cache [paired] | vs TOVA same ratio [paired] | gold NLL "
-             "| NLL vs TOVA same ratio [paired] | replay time / prefill time |", "|---|---|---|---|---|---|---|---|"]
+             "| press | ratio | score [95% CI] | vs full cache [paired] | vs reference, same ratio [paired] | "
+             "reference | gold NLL | NLL vs reference [paired] | replay time / prefill time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for press, ratio in wanted:
         out = scores[(press, ratio)]
         if out["question"].tolist() != full["question"].tolist():
@@ -101,26 +118,32 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
         s = out["score"].to_numpy(float)
         low, high = bootstrap_interval(s, tasks)
         cells = [press, f"{ratio:g}", f"{task_mean(s, tasks):.1f} [{low:.1f}, {high:.1f}]"]
-        for ref in (("no_press", 0.0), (REFERENCE, ratio)):
+        reference = reference_press(press, presses)
+        if press != "no_press" and reference is None and press != REFERENCE:
+            reference = REFERENCE if REFERENCE in presses else None  # a base scorer against TOVA
+        for ref in (("no_press", 0.0), (reference, ratio)):
             if press == ref[0] or ref not in scores:
                 cells.append("")
                 continue
             d, d_low, d_high = paired_difference(s, scores[ref]["score"].to_numpy(float), tasks)
             cells.append(f"{d:+.1f} [{d_low:+.1f}, {d_high:+.1f}]")
+        cells.append(reference if (reference, ratio) in scores else "")
         cells.append(f"{np.mean(out['nll'].astype(float)):.3f}")
-        if press == REFERENCE or (REFERENCE, ratio) not in scores:
+        if (reference, ratio) not in scores:
             cells.append("")
         else:
             d, d_low, d_high = paired_difference(out["nll"].to_numpy(float),
-                                                 scores[(REFERENCE, ratio)]["nll"].to_numpy(float), tasks)
+                                                 scores[(reference, ratio)]["nll"].to_numpy(float), tasks)
             cells.append(f"{d:+.3f} [{d_low:+.3f}, {d_high:+.3f}]")
         share = out["press_seconds"].astype(float).sum() / out["prefill_seconds"].astype(float).sum()
         cells.append(f"{100 * share:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     per_task = {p: {t: round(float(g['score'].mean()), 1) for t, g in scores[(p, r)].groupby("task")}
                 for p, r in wanted if r in (0.0, max(ratios))}
-    lines += ["", "Gold NLL: mean negative log-likelihood per gold-answer token (lower is better; a paired difference "
-              "below 0 means the press keeps what the answer needs better than TOVA).", "",
+    lines += ["", "Reference: the same press with one thing off (a routing feature against its base scorer, "
+              "predicted routing against the layer's own routing); a base scorer against TOVA.", "",
+              "Gold NLL: mean negative log-likelihood per gold-answer token (lower is better; a paired difference "
+              "below 0 means the press keeps what the answer needs better than its reference).", "",
               "Replay time: replaying the press on the recorded prefill (copy of the full cache included), as a "
               "share of the recorded prefill's time, on a shared CPU.", "",
               f"Per task at ratio {max(ratios):g} (and full cache): `{json.dumps(per_task)}`"]

@@ -266,12 +266,16 @@ def teacher_forced_score(
                 nll = sum(r.nll_sum for r in results) / sum(r.tokens for r in results)
                 tokens = sum(r.tokens for r in results)
             else:
-                results = []
+                results, seen = [], {}
                 for value in references:
+                    if value in seen:  # alternatives repeat (RULER's qa lists one answer per annotator): same score
+                        results.append(seen[value])
+                        continue
                     result, _ = _score_value(model, cache, first, start, value_tokenizations(tokenizer, value), stop,
                                              max_lead_in)
                     result.hit = result.hit and result.generated <= budget
                     results.append(result)
+                    seen[value] = result
                     restore_cache(cache, after_question)
                 hits = [r.hit for r in results]
                 exact = any(hits)

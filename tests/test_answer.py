@@ -96,7 +96,8 @@ def test_teacher_forced_verdict_is_greedy_generation(setup):
     assert seen == {True, False}  # both verdicts were exercised
 
 
-def test_lead_in_is_the_greedy_text_before_the_value(setup):
+def _full_cache_greedy(setup):
+    """The full cache, the first question and the 8 tokens greedy decoding writes after it."""
     model, tokenizer, _, inputs, snapshot = setup
     context_length = inputs["context_ids"].shape[1]
     cache = snapshot.replay(None)
@@ -104,6 +105,26 @@ def test_lead_in_is_the_greedy_text_before_the_value(setup):
     saved = save_cache(cache)
     tokens = greedy_tokens(model, cache, question, context_length, max_new_tokens=8)
     restore_cache(cache, saved)
+    return model, tokenizer, cache, question, context_length, tokens
+
+
+def test_repeated_alternatives_score_as_if_each_was_scored_alone(setup):
+    """RULER's qa answers repeat one alternative per annotator; a repeat is scored once and reported like the first."""
+    model, tokenizer, cache, question, context_length, tokens = _full_cache_greedy(setup)
+    right, wrong = tokenizer.decode(tokens[:2]).strip(), "zzz"
+    alone = {v: teacher_forced_score(model, tokenizer, cache, question, context_length, [v], match="any")
+             for v in (right, wrong)}
+    golds = [wrong, right, wrong, right, right]
+    score = teacher_forced_score(model, tokenizer, cache, question, context_length, golds, match="any")
+    assert score.values == [alone[v].values[0] for v in golds]
+    assert score.lead_in == [alone[v].lead_in[0] for v in golds]
+    assert score.tokens == sum(alone[v].tokens for v in golds)
+    assert score.nll == min(alone[v].nll for v in golds)
+    assert score.exact == alone[right].exact
+
+
+def test_lead_in_is_the_greedy_text_before_the_value(setup):
+    model, tokenizer, cache, question, context_length, tokens = _full_cache_greedy(setup)
     for cut in range(1, 4):
         gold = tokenizer.decode(tokens[cut:cut + 3])
         if value_tokenizations(tokenizer, gold)[0] != tokens[cut:cut + 3]:

@@ -1,0 +1,54 @@
+"""evaluation.routing_ablation: each row is paired with the same press with one thing switched off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from evaluation import routing_ablation as ra
+from evaluation.models import EMBEDDED
+
+PRESSES = ["no_press", "tova", "streaming_llm", "expert_balanced_tova", "expert_balanced_tova_predicted",
+           "expert_balanced_streaming_llm", "routing_novelty_tova", "layer_budget_tova"]
+
+
+def test_reference_press_switches_one_thing_off():
+    assert ra.reference_press("expert_balanced_tova_predicted", PRESSES) == "expert_balanced_tova"
+    assert ra.reference_press("expert_balanced_streaming_llm", PRESSES) == "streaming_llm"
+    assert ra.reference_press("routing_novelty_tova", PRESSES) == "tova"
+    assert ra.reference_press("layer_budget_tova", PRESSES) == "tova"
+    assert ra.reference_press("tova", PRESSES) is None
+    assert ra.reference_press("streaming_llm", PRESSES) is None
+    # a reference that was not run is no reference
+    assert ra.reference_press("expert_balanced_knorm", PRESSES) is None
+    assert ra.reference_press("expert_balanced_tova_predicted", ["expert_balanced_tova_predicted", "tova"]) is None
+
+
+def _write_run(runs: Path, chunk: Path, press: str, ratio: float, scores: list[float], nll: list[float]) -> None:
+    folder = ra._run_dir(runs, chunk, press, ratio, EMBEDDED)
+    folder.mkdir(parents=True)
+    pd.DataFrame({"question": [f"q{i}" for i in range(len(scores))], "task": ["a", "a", "b", "b"],
+                  "score": scores, "nll": nll, "press_seconds": 1.0, "prefill_seconds": 10.0,
+                  "predicted_answer": ""}).to_csv(folder / "predictions.csv", index=False)
+    (folder / "metrics.json").write_text("{}")
+
+
+def test_report_pairs_each_row_with_its_reference(tmp_path):
+    chunk = tmp_path / "data" / "ruler1024_2tasks2_size2_chunk000.jsonl"
+    runs = tmp_path / "runs"
+    rows = {("no_press", 0.0): [100, 100, 100, 0], ("tova", 0.5): [100, 0, 100, 0],
+            ("streaming_llm", 0.5): [0, 0, 100, 0], ("expert_balanced_streaming_llm", 0.5): [100, 100, 100, 0]}
+    for (press, ratio), scores in rows.items():
+        _write_run(runs, chunk, press, ratio, scores, [1.0, 2.0, 3.0, 4.0])
+    presses = [p for p, _ in rows]
+    text = ra.report(tmp_path, [chunk], presses, [0.5])
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| press ")}
+    eb = table["expert_balanced_streaming_llm"]
+    # task means: streaming (0 + 50) / 2 = 25, expert-balanced (100 + 50) / 2 = 75: +50 over its base
+    assert eb[2].startswith("75.0") and eb[4].startswith("+50.0") and eb[5] == "streaming_llm"
+    assert table["streaming_llm"][4].startswith("-25.0") and table["streaming_llm"][5] == "tova"
+    assert table["tova"][5] == "" and table["tova"][4] == ""
+    assert eb[3].startswith("+0.0")  # against the full cache
+    assert "10.0%" in eb[-1]  # replay / prefill
