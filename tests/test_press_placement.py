@@ -1,0 +1,89 @@
+"""pikv-press's presses on models in half precision and on models placed by an accelerate ``device_map``.
+
+The machine that runs the suite has one device (the CPU), so the placed model puts one decoder layer on ``"disk"``:
+accelerate then keeps that layer's weights on the meta device and wraps its forward in an offloading hook, the same
+machinery that moves inputs between GPUs under ``device_map="auto"``. The presses must compress exactly as on the
+plain model and leave no hook of their own behind.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvpress import TOVAPress
+from kvpress.utils import compute_n_kept
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from pikv_press.presses import (
+    ExpertBalancedPress,
+    PiKVPress,
+    RouterAffinityPress,
+    RoutingLayerBudgetPress,
+    RoutingNoveltyPress,
+)
+from pikv_press.testing import VOCAB, build_model
+from tests.conftest import press_hooks
+
+PRESSES = {
+    "expert_balanced": lambda: ExpertBalancedPress(0.5, press=TOVAPress()),
+    "router_affinity": lambda: RouterAffinityPress(0.5, press=TOVAPress()),
+    "routing_novelty": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
+    "layer_budget": lambda: RoutingLayerBudgetPress(0.5, press=TOVAPress()),
+    "pikv": lambda: PiKVPress(0.5),
+}
+SEQ = 40
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(5, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def _compress(model, press) -> DynamicCache:
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=_ids(), past_key_values=cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def plain_and_placed(tmp_path_factory):
+    plain = build_model("qwen3_moe")
+    folder = tmp_path_factory.mktemp("qwen3_moe")
+    plain.save_pretrained(folder)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    placed = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=folder / "offload",
+                                                  dtype=torch.float32, attn_implementation="sdpa").eval()
+    assert placed.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+    assert hasattr(placed.model.layers[1], "_hf_hook")
+    return plain, placed
+
+
+@pytest.mark.parametrize("name", PRESSES)
+def test_placed_model_compresses_exactly_as_the_plain_model(plain_and_placed, name):
+    plain, placed = plain_and_placed
+    before = press_hooks(placed)
+    expected, got = _compress(plain, PRESSES[name]()), _compress(placed, PRESSES[name]())
+    assert press_hooks(placed) == before
+    total = 0
+    for ours, theirs in zip(got.layers, expected.layers, strict=True):
+        assert ours.keys.device.type == "cpu"
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=0)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=0)
+        total += ours.keys.shape[2]
+    assert total == len(got.layers) * compute_n_kept(SEQ, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", PRESSES)
+def test_half_precision(name, dtype):
+    model = build_model("qwen3_moe").to(dtype)
+    cache = _compress(model, PRESSES[name]())
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert sum(lengths) == len(lengths) * compute_n_kept(SEQ, 0.5)
+    if name != "layer_budget":  # per-layer budgets differ by design; their sum is the global budget
+        assert lengths == [compute_n_kept(SEQ, 0.5)] * len(lengths)
+    for layer in cache.layers:
+        assert layer.keys.dtype == dtype and layer.values.dtype == dtype
+        assert bool(torch.isfinite(layer.keys).all()) and bool(torch.isfinite(layer.values).all())
+    assert not press_hooks(model)
