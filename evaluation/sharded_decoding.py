@@ -4,6 +4,7 @@
     python -m evaluation.sharded_decoding --length 1024 --tasks niah_single_1,niah_single_2,niah_multikey_1 \\
         --samples 5 --ks all,32,16,8,4
     python -m evaluation.sharded_decoding --report          # the summary of what is in the results file
+    python -m evaluation.sharded_decoding --report --plot docs/sharded_fidelity.png   # and the fidelity curves
 
 For every RULER sample, the context is prefilled once into an :class:`~pikv_press.cache.ExpertShardedCache`
 (``attn_implementation="pikv_sharded"``, every shard read: exact attention). Then, for every ``k`` (``all`` = every
@@ -185,15 +186,44 @@ def run(args) -> Path:
     return out
 
 
+def _frame(path: Path):
+    import pandas as pd
+
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def fidelity_by_k(frame) -> list[dict]:
+    """Per ``k`` of the sharded rows (``all`` first, then large k): samples, mean KV bytes read per step and the
+    ratio of ``all``'s to it, mean decode and attention ms/token, mean KL vs all, teacher-forced accuracy (task mean,
+    95% bootstrap interval) and its paired difference to ``all`` (interval stratified by task), over the samples
+    that ``all`` also has."""
+    from evaluation.stats import bootstrap_interval, paired_difference, task_mean
+
+    sharded = frame[frame["cache"] == "sharded"]
+    full = sharded[sharded["k"] == "all"].set_index(["task", "index"])
+    order = sorted(sharded["k"].unique(), key=lambda k: -math.inf if k == "all" else -int(k))  # all, then large k
+    out = []
+    for k in order:
+        part = sharded[sharded["k"] == k].set_index(["task", "index"])
+        common = part.index.intersection(full.index)
+        part, ref = part.loc[common], full.loc[common]
+        groups = [t for t, _ in common]
+        exact, ref_exact = part["tf_exact"].astype(float), ref["tf_exact"].astype(float)
+        low, high = bootstrap_interval(exact, groups)
+        diff, dlow, dhigh = paired_difference(exact, ref_exact, groups)
+        out.append({"k": k, "samples": len(common), "kv_bytes": part["kv_bytes_per_step"].mean(),
+                    "fewer_bytes": ref["kv_bytes_per_step"].mean() / part["kv_bytes_per_step"].mean(),
+                    "decode_ms": part["decode_ms_per_token"].mean(), "decode_cpu_ms": part["decode_cpu_ms_per_token"]
+                    .mean(), "attention_ms": part["attention_ms_per_token"].mean(), "kl": part["kl"].mean(),
+                    "accuracy": task_mean(exact, groups), "low": low, "high": high, "diff": diff, "diff_low": dlow,
+                    "diff_high": dhigh})
+    return out
+
+
 def report(path: Path) -> str:
     """Markdown table per k: bytes read per step (and ratio to all), decode ms/token, KL, teacher-forced accuracy
     with its paired difference to ``all`` (95% bootstrap interval, stratified by task)."""
-    import pandas as pd
-
-    from evaluation.stats import bootstrap_interval, paired_difference, task_mean
-
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows)
+    frame = _frame(path)
     sharded = frame[frame["cache"] == "sharded"]
     full = sharded[sharded["k"] == "all"].set_index(["task", "index"])
     lines = [f"{len(full)} samples ({', '.join(sorted(full.reset_index()['task'].unique()))}), "
@@ -202,21 +232,13 @@ def report(path: Path) -> str:
              "| k | KV bytes read / step | fewer bytes than all | decode ms/token (CPU) | sharded attention "
              "ms/token | KL vs all (nats) | teacher-forced accuracy | vs all (95% CI) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    order = sorted(sharded["k"].unique(), key=lambda k: -math.inf if k == "all" else -int(k))  # all, then large k
-    for k in order:
-        part = sharded[sharded["k"] == k].set_index(["task", "index"])
-        common = part.index.intersection(full.index)
-        part, ref = part.loc[common], full.loc[common]
-        groups = [t for t, _ in common]
-        acc = task_mean(part["tf_exact"].astype(float), groups)
-        low, high = bootstrap_interval(part["tf_exact"].astype(float), groups)
-        diff, dlow, dhigh = paired_difference(part["tf_exact"].astype(float), ref["tf_exact"].astype(float), groups)
-        ratio = ref["kv_bytes_per_step"].mean() / part["kv_bytes_per_step"].mean()
-        lines.append(f"| {k} | {part['kv_bytes_per_step'].mean() / 2**20:.2f} MiB | {ratio:.2f}x | "
-                     f"{part['decode_ms_per_token'].mean():.0f} ({part['decode_cpu_ms_per_token'].mean():.0f}) | "
-                     f"{part['attention_ms_per_token'].mean():.1f} | "
-                     f"{part['kl'].mean():.4f} | {100 * acc:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | "
-                     f"{100 * diff:+.1f} [{100 * dlow:+.1f}, {100 * dhigh:+.1f}] |")
+    points = fidelity_by_k(frame)
+    order = [p["k"] for p in points]
+    for p in points:
+        lines.append(f"| {p['k']} | {p['kv_bytes'] / 2**20:.2f} MiB | {p['fewer_bytes']:.2f}x | "
+                     f"{p['decode_ms']:.0f} ({p['decode_cpu_ms']:.0f}) | {p['attention_ms']:.1f} | "
+                     f"{p['kl']:.4f} | {100 * p['accuracy']:.1f}% [{100 * p['low']:.1f}, {100 * p['high']:.1f}] | "
+                     f"{100 * p['diff']:+.1f} [{100 * p['diff_low']:+.1f}, {100 * p['diff_high']:+.1f}] |")
     dense = frame[frame["cache"] == "dynamic"]
     if len(dense):
         common = dense.set_index(["task", "index"]).index.intersection(full.index)
@@ -230,6 +252,40 @@ def report(path: Path) -> str:
         lines += ["", "generated string match: " + ", ".join(
             f"k={k}: {np.mean(sharded[sharded['k'] == k]['string_match']):.1f}%" for k in order)]
     return "\n".join(lines)
+
+
+def plot_fidelity(path: Path, png: Path) -> Path:
+    """Fidelity curves of routing-restricted decoding from a results file: KL vs all and teacher-forced accuracy
+    (95% interval) against the KV bytes read per decoding step, one point per k (:func:`fidelity_by_k`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = _frame(path)
+    points = fidelity_by_k(frame)
+    mib = [p["kv_bytes"] / 2**20 for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(mib, [p["kl"] for p in points], "o-")
+    left.set_ylabel("logit KL vs all shards (nats, mean)")
+    acc = [100 * p["accuracy"] for p in points]
+    errors = [[100 * (p["accuracy"] - p["low"]) for p in points], [100 * (p["high"] - p["accuracy"]) for p in points]]
+    right.errorbar(mib, acc, yerr=errors, fmt="o-", capsize=3)
+    right.set_ylabel("teacher-forced accuracy (%, 95% CI)")
+    for axis, ys in ((left, [p["kl"] for p in points]), (right, acc)):
+        axis.set_xlabel("KV bytes read per decoding step (MiB, all layers)")
+        axis.grid(alpha=0.3)
+        for x, y, p in zip(mib, ys, points, strict=True):
+            axis.annotate(f"k={p['k']}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    sharded = frame[frame["cache"] == "sharded"]
+    fig.suptitle(f"Routing-restricted decoding, {sharded['model'].iloc[0]}: {points[0]['samples']} RULER contexts of "
+                 f"{int(sharded['context_tokens'].mean())} tokens on average (generated accuracy not measured)",
+                 fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,12 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write the fidelity curves of the results file to this PNG (with --report)")
     args = parser.parse_args(argv)
     cli.setup(args.threads)
     if args.report:
         from evaluation.models import model_tag
 
-        print(report(args.output or OUT / f"{model_tag(args.model)}__ruler{args.length}.jsonl"))
+        path = args.output or OUT / f"{model_tag(args.model)}__ruler{args.length}.jsonl"
+        print(report(path))
+        if args.plot:
+            print(f"plot: {plot_fidelity(path, args.plot)}")
         return 0
     path = run(args)
     print(report(path))
