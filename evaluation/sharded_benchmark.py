@@ -2,6 +2,7 @@
 
     python -m evaluation.sharded_benchmark --contexts 2048,8192,32768 --ks all,32,16,8,4 --repeats 7 --threads 1
     python -m evaluation.sharded_benchmark --report        # the table of what is in the results file
+    python -m evaluation.sharded_benchmark --report --plot docs/sharded_benchmark.png
 
 For each context length ``L``, the first ``L`` tokens of RULER's Paul Graham essays are prefilled once, in chunks of
 ``--chunk`` tokens, into an :class:`~pikv_press.cache.ExpertShardedCache` (``attn_implementation="pikv_sharded"``,
@@ -128,6 +129,40 @@ def report(path: Path) -> str:
                      f"{prefill.get('prefill_s', nan):.0f} s wall ({prefill.get('prefill_cpu_s', nan):.0f} s CPU) "
                      f"in chunks of {prefill.get('chunk', '?')}")
     return "\n".join(lines + [""] + notes)
+
+
+def plot(path: Path, png: Path) -> Path:
+    """Two panels from :func:`summarize`: KV bytes read per decoding step and step time / dense (CPU, median of the
+    paired rounds) against the context length, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for setting in sorted({r["setting"] for r in table}, key=_setting_order):
+        mine = [r for r in table if r["setting"] == setting]
+        label = {DENSE: "dense (SDPA)", ALL: "sharded, all"}.get(setting, f"sharded, k={setting}")
+        style = "k--" if setting == DENSE else "o-"
+        contexts = [r["context_tokens"] for r in mine]
+        left.plot(contexts, [r["kv_bytes"] / 2**20 for r in mine], style, label=label)
+        right.plot(contexts, [r["cpu_ratio"] for r in mine], style, label=label)
+    left.set_ylabel("KV bytes read per step (MiB, all layers)")
+    left.set_yscale("log")
+    right.set_ylabel("decode step time / dense (CPU, paired median)")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context tokens")
+        axis.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    ropes = ", ".join(sorted({f"{r['context_tokens']:,}: RoPE {r['rope']}" for r in table if r["setting"] == DENSE}))
+    fig.suptitle(f"Expert-sharded cache vs SDPA over a DynamicCache, one CPU thread\n({ropes})", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def _set_rope(model, factor: int, base: dict) -> str:
@@ -279,12 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--plot", type=Path, default=None, help="with --report: also write the plot to this PNG")
     args = parser.parse_args(argv)
     cli.setup(args.threads)
     if args.report:
         from evaluation.models import model_tag
 
-        print(report(args.output or OUT / f"{model_tag(args.model)}.jsonl"))
+        path = args.output or OUT / f"{model_tag(args.model)}.jsonl"
+        print(report(path))
+        if args.plot:
+            print(f"plot: {plot(path, args.plot)}")
         return 0
     print(report(run(args)))
     return 0

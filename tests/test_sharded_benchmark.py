@@ -82,3 +82,13 @@ def test_fidelity_points_and_plot(tmp_path):
     assert points[1]["diff"] == pytest.approx(-0.5) and points[1]["kl"] == pytest.approx(0.5)
     png = plot_fidelity(path, tmp_path / "fidelity.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_plot(tmp_path):
+    from evaluation.sharded_benchmark import plot
+
+    rows = [_step(c, s, 0, 10.0 if s == "dense" else 8.0, 100 if s == "dense" else 25)
+            for c in (2048, 8192) for s in ("dense", "all", "8")]
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert plot(path, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
