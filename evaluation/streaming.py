@@ -13,10 +13,18 @@ and expert-aware policies (through :class:`~pikv_press.scheduling.DecodingPolicy
 chunk), kvpress's own ``DecodingPress`` with ``KnormPress`` and with ``StreamingLLMPress`` (made MoE-aware), and the
 full cache. Perplexity is ``exp(mean loss)`` over the ``tokens - 1`` predicted tokens.
 
-**Memory.** The peak KV storage (:func:`pikv_press.cache.cache_nbytes` after each layer's update, before its
-compression) of reading ``--memory_lengths`` tokens with a bounded prefill (``--memory_policy`` at
-``--memory_budget``) and with the full cache; the perplexity runs also record their peak at 2k, 4k, 8k tokens.
-Contexts above the model's 8192 trained positions measure memory only.
+**Memory against context length.** Reading ``--memory_lengths`` tokens (2k to 32k) for a fixed budget
+(``--memory_budget``) along two paths, each run in a fresh process: the bounded prefill (``--memory_policy``, chunks
+of ``--chunk``) and kvpress's path (``kvpress_prefill``: the whole context in one forward pass of the language model,
+as kvpress's pipeline prefills a context, under kvpress's ``KnormPress`` made MoE-aware with
+``compression_ratio = 1 - budget / tokens``, so each layer is compressed to the budget right after its attention has
+read the whole context). Two peaks per run: the KV storage (:func:`pikv_press.cache.cache_nbytes` after each layer's
+update, before its compression: real tensor storage) and the process's resident memory increase over the loaded
+model (``evaluation.benchmark.PeakMemory``: VmHWM reset before the run, plus sampling), which also counts the
+activations that kvpress's one-pass prefill holds for the whole context. The full cache's KV peaks come from the
+perplexity runs' checkpoints (2k, 4k, 8k, 16k, 32k); a perplexity run at ``--tokens 32768`` also gives the accuracy
+against context length (perplexity of each stretch of the stream). The model has 8192 trained positions: perplexity
+beyond them is out of distribution (memory is not).
 
 One jsonl line per run is appended to ``--out/streaming.jsonl`` (``measurements/streaming``); runs already there are
 skipped, so the command resumes. ``--max_minutes`` stops starting new runs after that much wall time.
@@ -29,6 +37,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +63,13 @@ LABELS = {
     "quest": "Quest page selection (reads budget, keeps all)",
     "kvpress_knorm": "kvpress DecodingPress(KnormPress)",
     "kvpress_streaming_llm": "kvpress DecodingPress(StreamingLLMPress)",
+    "kvpress_prefill": "kvpress path: one-pass prefill, then KnormPress",
 }
+KVPRESS_PREFILL = "kvpress_prefill"
+MEMORY_PATHS = ("bounded", KVPRESS_PREFILL, "full")
 CHECKPOINTS = (2048, 4096, 8192, 16384, 32768)
+WARMUP_TOKENS = 16
+QUEST_PAGE = 16  # tokens per page of Quest's page selection
 
 
 def make_policy(name: str, budget: int):
@@ -72,6 +87,20 @@ def make_policy(name: str, budget: int):
     if name == "kvpress_streaming_llm":
         return DecodingPress(StreamingLLMPress(), compression_interval=1, target_size=budget)
     return None
+
+
+def policy_setting(model, name: str, budget: int | None):
+    """``(scope, budget, policy)`` for :func:`chunked_prefill` under the policy ``name``: Quest's attention scope
+    (every page kept, ``budget`` tokens read per query; a null context otherwise), the budget to compress to
+    (``None`` for the full cache and Quest) and the policy (:func:`make_policy`)."""
+    from contextlib import nullcontext
+
+    from pikv_press.scheduling import quest_attention
+
+    quest = name == "quest"
+    scope = quest_attention(model, token_budget=budget, page_size=QUEST_PAGE) if quest else nullcontext()
+    compress_budget = None if quest or name == "full" else budget
+    return scope, compress_budget, None if compress_budget is None else make_policy(name, budget)
 
 
 def essay_tokens(tokenizer, tokens: int) -> torch.Tensor:
@@ -96,9 +125,7 @@ def read_records(path: Path) -> list[dict]:
 def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None, chunk: int,
                   with_logits: bool) -> dict:
     """One pass over ``ids``: summed next-token loss (when ``with_logits``), peak KV bytes, peaks at checkpoints."""
-    from contextlib import nullcontext
-
-    from pikv_press.scheduling import chunked_prefill, quest_attention
+    from pikv_press.scheduling import chunked_prefill
 
     total = {"nll": 0.0, "count": 0}
     targets = ids[0]
@@ -114,10 +141,7 @@ def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None
         total["nll"] += float(losses.sum())
         total["count"] += stop - start
 
-    quest = policy_name == "quest"
-    scope = quest_attention(model, token_budget=budget, page_size=16) if quest else nullcontext()
-    compress_budget = None if quest or policy_name == "full" else budget
-    policy = None if compress_budget is None else make_policy(policy_name, budget)
+    scope, compress_budget, policy = policy_setting(model, policy_name, budget)
     start = time.perf_counter()
     with scope:
         result = chunked_prefill(model, ids, compress_budget, chunk, policy,
@@ -134,6 +158,55 @@ def streaming_run(model, ids: torch.Tensor, policy_name: str, budget: int | None
     return record
 
 
+@torch.no_grad()
+def kvpress_prefill(model, ids: torch.Tensor, budget: int) -> dict:
+    """kvpress's path: the whole context in one forward pass of the language model (as kvpress's pipeline prefills a
+    context) under ``MoEAware(KnormPress(1 - budget / tokens))``; peak and final KV bytes, final tokens per layer."""
+    from kvpress import KnormPress
+
+    from pikv_press.cache import cache_lengths, cache_nbytes, make_cache
+    from pikv_press.compat import MoEAware
+    from pikv_press.moe import language_model_of
+
+    language_model = language_model_of(model)
+    cache = make_cache("dynamic")
+    press = MoEAware(KnormPress(compression_ratio=max(0.0, 1 - budget / ids.shape[1])))
+    peak = {"bytes": 0}
+
+    def note_peak(module, args, kwargs, output):  # registered before the press's hook: the layer is not compressed yet
+        if kwargs.get("past_key_values") is cache:
+            peak["bytes"] = max(peak["bytes"], cache_nbytes(cache))
+
+    handles = [layer.self_attn.register_forward_hook(note_peak, with_kwargs=True) for layer in language_model.layers]
+    try:
+        with press(model):
+            language_model(input_ids=ids, past_key_values=cache, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"peak_kv_bytes": peak["bytes"], "final_kv_bytes": cache_nbytes(cache),
+            "final_tokens_per_layer": sorted(set(cache_lengths(cache)))}
+
+
+@torch.no_grad()
+def memory_run(model, ids: torch.Tensor, run: dict) -> dict:
+    """One memory-study run (see the module docstring): its KV peak and the process's peak memory increase."""
+    from evaluation.benchmark import PeakMemory
+    from pikv_press.moe import language_model_of
+
+    # warm-up: the first forward pass pages the weights in and sets up the kernels; that is not this run's memory
+    language_model_of(model)(input_ids=ids[:, :WARMUP_TOKENS], use_cache=False)
+    start = time.perf_counter()
+    with PeakMemory("cpu", interval_s=0.01) as memory:
+        if run["policy"] == KVPRESS_PREFILL:
+            figures = kvpress_prefill(model, ids, run["budget"])
+        else:
+            figures = streaming_run(model, ids, run["policy"], run["budget"], run["chunk"], with_logits=False)
+    figures.update(seconds=round(time.perf_counter() - start, 1), peak_rss_increase_bytes=memory.peak_increase,
+                   peak_rss_bytes=memory.peak_total, rss_method=memory.method)
+    return figures
+
+
 def planned_runs(args) -> list[dict]:
     runs = []
     if args.tokens:
@@ -147,16 +220,17 @@ def planned_runs(args) -> list[dict]:
             runs.insert(0, {"study": "ppl", "policy": "full", "budget": None, "chunk": args.chunk,
                             "tokens": args.tokens})
     for length in args.memory_lengths:
-        runs.append({"study": "memory", "policy": args.memory_policy, "budget": args.memory_budget,
-                     "chunk": args.chunk, "tokens": length})
-        runs.append({"study": "memory", "policy": "full", "budget": None, "chunk": args.chunk, "tokens": length})
+        for path in args.memory_paths:
+            policy, budget = {"bounded": (args.memory_policy, args.memory_budget),
+                              KVPRESS_PREFILL: (KVPRESS_PREFILL, args.memory_budget), "full": ("full", None)}[path]
+            runs.append({"study": "memory", "policy": policy, "budget": budget,
+                         "chunk": None if path == KVPRESS_PREFILL else args.chunk, "tokens": length})
     return runs
 
 
 def measure(args, argv: Sequence[str] | None) -> None:
     from evaluation.embedded_model.build import command_line
-    from evaluation.models import EMBEDDED, load_model, model_tag
-    from pikv_press import use_dense_masked_experts
+    from evaluation.models import EMBEDDED, model_tag
 
     out = args.out / "streaming.jsonl"
     tag = model_tag(EMBEDDED)
@@ -166,26 +240,55 @@ def measure(args, argv: Sequence[str] | None) -> None:
     if not todo:
         logger.info("Every planned run is in %s; nothing to do.", out)
         return
-    model, tokenizer, label = load_model(EMBEDDED)
-    if args.experts == "dense_masked":
-        use_dense_masked_experts(model)
-    longest = max(run["tokens"] for run in todo)
-    ids = essay_tokens(tokenizer, longest)
+    command = command_line("evaluation.streaming", argv)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    loaded = None
     for run in todo:
         if args.max_minutes and time.perf_counter() - started > args.max_minutes * 60:
             logger.info("--max_minutes reached; %d runs left for the next call.", len(todo) - todo.index(run))
             break
-        logger.info("%s %s budget=%s chunk=%d tokens=%d", run["study"], run["policy"], run["budget"], run["chunk"],
+        logger.info("%s %s budget=%s chunk=%s tokens=%d", run["study"], run["policy"], run["budget"], run["chunk"],
                     run["tokens"])
+        if run["study"] == "memory":  # a fresh process: its peak memory is this run's alone
+            subprocess.run([sys.executable, "-m", "evaluation.streaming", "--one_run", json.dumps(run),
+                            "--command", command, "--threads", str(args.threads), "--experts", args.experts,
+                            "--out", str(args.out)], check=True)
+            continue
+        if loaded is None:
+            loaded = load(args, max(run["tokens"] for run in todo))
+        model, ids, label = loaded
         figures = streaming_run(model, ids[:, : run["tokens"]], run["policy"], run["budget"], run["chunk"],
-                                with_logits=run["study"] == "ppl")
-        record = {**run, **figures, "label": label, "threads": torch.get_num_threads(), "experts": args.experts,
-                  "command": command_line("evaluation.streaming", argv)}
-        logger.info("  -> %s", {k: figures[k] for k in ("ppl", "peak_kv_bytes", "seconds") if k in figures})
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+                                with_logits=True)
+        append(out, run, figures, label, args, command)
+
+
+def load(args, tokens: int):
+    """The embedded model (dense-masked experts unless ``--experts model``), ``tokens`` essay tokens, its label."""
+    from evaluation.models import EMBEDDED, load_model
+    from pikv_press import use_dense_masked_experts
+
+    model, tokenizer, label = load_model(EMBEDDED)
+    if args.experts == "dense_masked":
+        use_dense_masked_experts(model)
+    return model, essay_tokens(tokenizer, tokens), label
+
+
+def append(out: Path, run: dict, figures: dict, label: str, args, command: str) -> None:
+    record = {**run, **figures, "label": label, "threads": torch.get_num_threads(), "experts": args.experts,
+              "command": command}
+    logger.info("  -> %s", {k: figures[k] for k in ("ppl", "peak_kv_bytes", "peak_rss_increase_bytes", "seconds")
+                            if k in figures})
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def measure_one(args) -> None:
+    """``--one_run``: one memory run in this (fresh) process, appended to the jsonl."""
+    run = json.loads(args.one_run)
+    model, ids, label = load(args, max(run["tokens"], max(CHECKPOINTS)))  # the same prefix at every length
+    figures = memory_run(model, ids[:, : run["tokens"]], run)
+    append(args.out / "streaming.jsonl", run, figures, label, args, args.command)
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
@@ -227,18 +330,18 @@ def report(args) -> str:
             segment_table(lines, rows, reference)
     memory = memory_points(records, args.memory_policy)
     if memory:
-        lines.append("Peak KV memory (MiB) against context length (chunks of "
-                     f"{sorted({r['chunk'] for r in records})}):")
+        lines.append("Peak KV storage (MiB) against context length (tensor bytes after each layer's update, before "
+                     "its compression; full cache: checkpoints of the perplexity runs):")
         lines.append("")
-        contexts = sorted({c for series in memory.values() for c in series})
-        lines.append("| cache | " + " | ".join(f"{c}" for c in contexts) + " |")
-        lines.append("| --- | " + " | ".join("---" for _ in contexts) + " |")
-        for name, series in memory.items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{series[c] / 2**20:.1f}" if c in series else "-" for c in contexts) + " |")
+        series_table(lines, memory, "cache")
+    rss = rss_points(records)
+    if rss:
+        lines.append("Peak process memory increase (MiB) over the loaded, warmed-up model (resident set, one fresh "
+                     "process per run; KV, activations and workspace):")
         lines.append("")
+        series_table(lines, rss, "path")
     text = "\n".join(lines)
-    plot(records, memory, args.plot)
+    plot(records, memory, rss, args.plot)
     return text
 
 
@@ -259,32 +362,63 @@ def segment_table(lines: list[str], rows: list[dict], reference: dict | None) ->
     lines.append("")
 
 
+def series_table(lines: list[str], series: dict[str, dict[int, int]], what: str) -> None:
+    contexts = sorted({c for points in series.values() for c in points})
+    lines.append(f"| {what} | " + " | ".join(f"{c}" for c in contexts) + " |")
+    lines.append("| --- | " + " | ".join("---" for _ in contexts) + " |")
+    for name, points in series.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{points[c] / 2**20:.1f}" if c in points else "-" for c in contexts) + " |")
+    lines.append("")
+
+
+def series_name(record: dict) -> str:
+    if record["policy"] == "full":
+        return "full cache (chunked prefill)"
+    if record["policy"] == KVPRESS_PREFILL:
+        return f"kvpress path (one-pass prefill, KnormPress to {record['budget']})"
+    return f"bounded prefill, budget {record['budget']}"
+
+
 def memory_points(records: list[dict], policy: str) -> dict[str, dict[int, int]]:
-    """``{series: {context: peak bytes}}`` of the full cache and of bounded prefill with ``policy`` (every bounded
-    policy stores the same number of tokens): the memory runs, and the checkpoints of the perplexity runs."""
+    """``{series: {context: peak KV bytes}}`` of the full cache, of bounded prefill with ``policy`` (every bounded
+    policy stores the same number of tokens) and of kvpress's path: the memory runs, and the checkpoints of the
+    perplexity runs."""
     series: dict[str, dict[int, int]] = {}
-    for r in records:
-        if r["policy"] not in ("full", policy):
+    for r in sorted(records, key=lambda r: r["study"] != "memory"):  # a memory run's own figure first
+        if r["policy"] not in ("full", policy, KVPRESS_PREFILL):
             continue  # Quest keeps every page (the full cache's storage); other policies store what `policy` does
-        name = LABELS["full"] if r["policy"] == "full" else f"bounded prefill, budget {r['budget']}"
-        points = series.setdefault(name, {})
-        points[r["tokens"]] = r["peak_kv_bytes"]
+        points = series.setdefault(series_name(r), {})
+        points.setdefault(r["tokens"], r["peak_kv_bytes"])
         for tokens, peak in r.get("peak_kv_bytes_at", {}).items():
             points.setdefault(int(tokens), peak)
     return series
 
 
-def plot(records: list[dict], memory: dict[str, dict[int, int]], path: Path) -> None:
+def rss_points(records: list[dict]) -> dict[str, dict[int, int]]:
+    """``{series: {context: peak process memory increase}}`` of the memory runs."""
+    series: dict[str, dict[int, int]] = {}
+    for r in records:
+        if r["study"] == "memory" and "peak_rss_increase_bytes" in r:
+            name = series_name(r) + ("" if r["policy"] in ("full", KVPRESS_PREFILL) else f" ({LABELS[r['policy']]})")
+            series.setdefault(name, {})[r["tokens"]] = r["peak_rss_increase_bytes"]
+    return series
+
+
+def plot(records: list[dict], memory: dict[str, dict[int, int]], rss: dict[str, dict[int, int]],
+         path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ppl = [r for r in records if r["study"] == "ppl"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    full = [r for r in ppl if r["policy"] == "full"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    (left, right), (bottom_left, bottom_right) = axes
+    base = min((r["tokens"] for r in ppl), default=0)  # the budget sweep: the shortest stream
+    full = [r for r in ppl if r["policy"] == "full" and r["tokens"] == base]
     for policy in POLICIES[1:]:
-        rows = sorted((r for r in ppl if r["policy"] == policy), key=lambda r: r["budget"])
+        rows = sorted((r for r in ppl if r["policy"] == policy and r["tokens"] == base), key=lambda r: r["budget"])
         if rows:
             left.plot([r["budget"] for r in rows], [r["ppl"] for r in rows], marker="o", label=LABELS[policy])
     if full:
@@ -293,20 +427,34 @@ def plot(records: list[dict], memory: dict[str, dict[int, int]], path: Path) -> 
     left.set_xscale("log", base=2)
     left.set_xlabel("cache budget (tokens per layer)")
     left.set_ylabel("perplexity")
-    tokens = sorted({r["tokens"] for r in ppl})
-    left.set_title(f"Streaming perplexity, embedded MoE, {tokens} essay tokens", fontsize=10)
+    left.set_title(f"Streaming perplexity, embedded MoE, {base} essay tokens", fontsize=10)
     left.legend(fontsize=7)
-    for name, series in memory.items():
-        contexts = sorted(series)
-        right.plot(contexts, [series[c] / 2**20 for c in contexts], marker="o", label=name)
-    right.set_xscale("log", base=2)
-    right.set_xlabel("context length (tokens)")
-    right.set_ylabel("peak KV storage (MiB)")
-    right.set_title("Peak KV memory: bounded chunked prefill vs full cache", fontsize=10)
-    right.legend(fontsize=7)
+    for axis, series, label, title in (
+            (right, memory, "peak KV storage (MiB)", "Peak KV storage against context length"),
+            (bottom_right, rss, "peak memory increase (MiB)", "Peak process memory increase (resident set)")):
+        for name, points in series.items():
+            contexts = sorted(points)
+            axis.plot(contexts, [points[c] / 2**20 for c in contexts], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel(label)
+        axis.set_title(title, fontsize=10)
+        if series:
+            axis.legend(fontsize=7)
+    longest = max((r["tokens"] for r in ppl), default=0)
+    for r in (r for r in ppl if r["tokens"] == longest and longest > base and r.get("ppl_by_segment")):
+        stops = [int(s.split("-")[1]) for s in r["ppl_by_segment"]]
+        name = LABELS[r["policy"]] + (f", budget {r['budget']}" if r["budget"] else "")
+        bottom_left.plot(stops, list(r["ppl_by_segment"].values()), marker="o", label=name)
+    bottom_left.axvline(8192, color="grey", linestyle=":", label="8192 trained positions")
+    bottom_left.set_xscale("log", base=2)
+    bottom_left.set_xlabel("end of the stretch of the stream (tokens)")
+    bottom_left.set_ylabel("perplexity of the stretch")
+    bottom_left.set_title(f"Accuracy against context length ({longest} essay tokens, one stream)", fontsize=10)
+    bottom_left.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -317,8 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the order they are run")
     parser.add_argument("--chunk", type=int, default=128, help="tokens per forward pass")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {POLICIES}")
-    parser.add_argument("--memory_lengths", default="16384", help="comma-separated contexts of the memory runs")
-    parser.add_argument("--memory_policy", default="h2o", choices=[p for p in POLICIES if p not in ("full", "quest")])
+    parser.add_argument("--memory_lengths", default="2048,4096,8192,16384,32768",
+                        help="comma-separated contexts of the memory runs ('': none)")
+    parser.add_argument("--memory_paths", default=f"bounded,{KVPRESS_PREFILL}",
+                        help=f"comma-separated, from {MEMORY_PATHS}: bounded prefill with --memory_policy, kvpress's "
+                        "one-pass prefill then KnormPress, the full cache in chunks")
+    parser.add_argument("--memory_policy", default="streaming_llm",
+                        choices=[p for p in POLICIES if p not in ("full", "quest")])
     parser.add_argument("--memory_budget", type=int, default=1024)
     parser.add_argument("--experts", default="dense_masked", choices=["dense_masked", "model"],
                         help="dense-masked experts (faster on CPUs) or the model's own implementation")
@@ -327,10 +480,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument("--report", action="store_true", help="print the table and write the plot; measure nothing")
+    parser.add_argument("--one_run", help=argparse.SUPPRESS)  # internal: one memory run, in a fresh process
+    parser.add_argument("--command", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.budgets = comma_list(args.budgets, int)
     args.memory_lengths = comma_list(args.memory_lengths, int)
     args.policies = comma_list(args.policies)
+    args.memory_paths = comma_list(args.memory_paths)
+    if any(p not in MEMORY_PATHS for p in args.memory_paths):
+        parser.error(f"--memory_paths: choose from {MEMORY_PATHS}")
     unknown = [p for p in args.policies if p not in POLICIES]
     if unknown:
         parser.error(f"unknown policies {unknown}; choose from {POLICIES}")
@@ -340,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup(args.threads)
     if args.report:
         print(report(args))
+        return 0
+    if args.one_run:
+        measure_one(args)
         return 0
     measure(args, argv)
     return 0
