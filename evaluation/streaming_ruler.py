@@ -40,7 +40,7 @@ from evaluation import cli
 OUT = Path("measurements/streaming_ruler")
 # single-value needle tasks: one teacher-forced pass scores each (as evaluation.demo)
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1"
-DEFAULT_POLICIES = "full,streaming_llm,h2o,lru,kvpress_knorm,kvpress_streaming_llm"
+DEFAULT_POLICIES = "full,streaming_llm,h2o,kvpress_knorm,kvpress_streaming_llm"
 
 
 def results_path(args) -> Path:
@@ -191,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--samples", type=int, default=8, help="per task")
     parser.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated, from {POLICIES}")
-    parser.add_argument("--budget", type=int, default=256, help="tokens kept per layer while the context is read")
-    parser.add_argument("--chunk", type=int, default=64, help="context tokens per forward pass (at most the budget)")
+    parser.add_argument("--budget", type=int, default=512, help="tokens kept per layer while the context is read")
+    parser.add_argument("--chunk", type=int, default=128, help="context tokens per forward pass (at most the budget)")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="teacher forcing's answer budget")
     parser.add_argument("--experts", default="dense_masked", choices=["dense_masked", "model"])
     parser.add_argument("--threads", type=int, default=1)
