@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,3 +37,11 @@ def setup(threads: int | None = None, level: int = logging.INFO) -> None:
     logging.getLogger("kvpress").setLevel(logging.ERROR)
     if threads:
         torch.set_num_threads(threads)
+
+
+def print_report(path: Path, report: Callable[[Path], str], plot: Callable[[Path, Path], Path] | None = None,
+                 png: Path | None = None) -> None:
+    """Print ``report(path)`` of a results file and, with ``png``, write ``plot(path, png)`` and name it."""
+    print(report(path))
+    if png is not None and plot is not None:
+        print(f"plot: {plot(path, png)}")

@@ -320,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from evaluation.models import model_tag
 
-        path = args.output or OUT / f"{model_tag(args.model)}.jsonl"
-        print(report(path))
-        if args.plot:
-            print(f"plot: {plot(path, args.plot)}")
+        cli.print_report(args.output or OUT / f"{model_tag(args.model)}.jsonl", report, plot, args.plot)
         return 0
     print(report(run(args)))
     return 0

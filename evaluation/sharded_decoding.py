@@ -313,10 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from evaluation.models import model_tag
 
-        path = args.output or OUT / f"{model_tag(args.model)}__ruler{args.length}.jsonl"
-        print(report(path))
-        if args.plot:
-            print(f"plot: {plot_fidelity(path, args.plot)}")
+        cli.print_report(args.output or OUT / f"{model_tag(args.model)}__ruler{args.length}.jsonl", report,
+                         plot_fidelity, args.plot)
         return 0
     path = run(args)
     print(report(path))

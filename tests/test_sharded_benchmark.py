@@ -92,3 +92,12 @@ def test_benchmark_plot(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert plot(path, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_print_report(tmp_path, capsys):
+    from evaluation.cli import print_report
+
+    print_report(tmp_path / "r.jsonl", lambda p: f"table of {p.name}", lambda p, png: png, tmp_path / "x.png")
+    assert capsys.readouterr().out.splitlines() == ["table of r.jsonl", f"plot: {tmp_path / 'x.png'}"]
+    print_report(tmp_path / "r.jsonl", lambda p: "only the table")
+    assert capsys.readouterr().out == "only the table\n"
