@@ -29,7 +29,9 @@ restart skips the (sample, setting) pairs done; ``--max_minutes`` stops starting
 ``--report`` prints (and writes ``report.md``) one row per setting: samples, bytes per context token (stored and in
 the bf16 layout), how many times fewer than the bf16 full cache (``layers x kv_heads x (key + value width) x 2`` bytes
 per token), the score with its 95% bootstrap interval (:mod:`evaluation.stats`, stratified by task), the paired
-difference to the full cache on the same samples, the mean gold NLL and the median decode ms/token.
+difference to the full cache on the same samples, the mean gold NLL and the median decode ms/token; with
+``--generate`` (every answer also generated greedily, scored by RULER's string match) the generated score and its
+paired difference to the full cache too.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ from transformers import DynamicCache, pipeline
 
 from evaluation import cli
 from evaluation.benchmarks import ruler
+from evaluation.metrics import sample_string_match
 from evaluation.models import EMBEDDED, load_model, model_tag
 from evaluation.registry import press_for_run
 from evaluation.stats import bootstrap_interval, paired_difference, task_mean
 from evaluation.teacher_forcing_check import interleave, read_results
-from pikv_press.answer import TEACHER_FORCING_VERSION, restore_cache, save_cache, teacher_forced_score
+from pikv_press.answer import TEACHER_FORCING_VERSION, greedy_answer, restore_cache, save_cache, teacher_forced_score
 from pikv_press.cache import CACHES, cache_lengths, cache_nbytes, layer_access, make_cache, register_cache
 from pikv_press.cache.packed import packed_cache_factory
 from pikv_press.compat import ragged_cache_masks
@@ -125,8 +128,9 @@ def decode_ms_per_token(model, cache, question_ids: torch.Tensor, context_length
 
 
 def run(frame: pd.DataFrame, settings: list[str], out_file: Path, model_folder: str, model, tokenizer,
-        decode_tokens: int, max_minutes: float | None = None) -> int:
-    """Score every (sample, setting) of ``frame`` not yet in ``out_file``; returns how many lines were added."""
+        decode_tokens: int, max_minutes: float | None = None, generate: bool = False) -> int:
+    """Score every (sample, setting) of ``frame`` not yet in ``out_file``; returns how many lines were added.
+    ``generate``: also the greedy answer (up to the task's ``max_new_tokens``) and its RULER string match."""
     parsed = {s: parse_setting(s) for s in settings}
     done = read_results(out_file)
     done_keys = set()
@@ -162,6 +166,11 @@ def run(frame: pd.DataFrame, settings: list[str], out_file: Path, model_folder: 
                                       match=ruler.match_mode(row.task), max_new_tokens=int(row.max_new_tokens))
             tf_s = time.perf_counter() - start
             decode_ms = decode_ms_per_token(model, cache, question_ids, context_length, decode_tokens)
+            generated = {}
+            if generate:
+                answer = greedy_answer(model, tokenizer, cache, question_ids, context_length, int(row.max_new_tokens))
+                generated = {"generated_answer": answer,
+                             "generated_score": sample_string_match(answer, references, ruler.match_mode(row.task))}
             record = {
                 "model": model_folder, "rules": TEACHER_FORCING_VERSION, "task": row.task, "index": int(row.index),
                 "setting": setting, "cache": cache_name, "press": press_name, "ratio": ratio,
@@ -169,6 +178,7 @@ def run(frame: pd.DataFrame, settings: list[str], out_file: Path, model_folder: 
                 "nbytes": nbytes, "nbytes_bf16": nbytes_bf16, "tf_exact": bool(tf.exact), "nll": tf.nll,
                 "decode_ms_per_token": round(decode_ms, 2), "decode_tokens": decode_tokens,
                 "replay_s": round(replay_s, 3), "tf_s": round(tf_s, 3), "threads": torch.get_num_threads(),
+                **generated,
             }
             with out_file.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -203,6 +213,12 @@ def report(out_file: Path, model_folder: str, bf16_per_token: float | None = Non
             diff, dlow, dhigh = paired_difference(paired["score"], paired["full"], paired["task"])
             row["vs full [paired 95% CI]"] = f"{diff:+.1f} [{dlow:+.1f}, {dhigh:+.1f}] (n={len(paired)})"
             row["_diff"] = (diff, dlow, dhigh)
+        if "generated_score" in group and group["generated_score"].notna().all():
+            row["generated"] = round(task_mean(group["generated_score"], group["task"]), 1)
+            gen = group.set_index("key").join(full["generated_score"].rename("full_generated"), how="inner")
+            if setting != FULL and len(gen) and gen["full_generated"].notna().all():
+                diff, dlow, dhigh = paired_difference(gen["generated_score"], gen["full_generated"], gen["task"])
+                row["generated vs full [paired]"] = f"{diff:+.1f} [{dlow:+.1f}, {dhigh:+.1f}]"
         rows.append(row)
     table = pd.DataFrame(rows)
     verdicts = []
@@ -252,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--report", action="store_true", help="the table from what is done")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--generate", action="store_true",
+                        help="also generate each answer greedily and score it by RULER's string match (slower)")
     args = parser.parse_args(argv)
     cli.setup(args.threads)
     folder, out_file = _results_file(args.out, args.model)
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         frame = frame.assign(index=frame.groupby("task", sort=False).cumcount())
     model, tokenizer, _ = load_model(args.model)
     added = run(interleave(frame), settings, out_file, folder, model, tokenizer, args.decode_tokens,
-                args.max_minutes)
+                args.max_minutes, args.generate)
     logger.info("%d results added to %s", added, out_file)
     return 0
 

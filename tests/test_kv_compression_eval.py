@@ -6,8 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+import torch
+from transformers import DynamicCache, pipeline
 
 from evaluation import kv_compression
+from pikv_press.answer import greedy_answer
+from pikv_press.cache import make_cache
+from pikv_press.prefill import PrefillRecorder
 from pikv_press.testing import build_tokenizer
 from tests.conftest import get_model
 
@@ -48,3 +53,26 @@ def test_bad_settings_are_refused():
         kv_compression.parse_setting("packed-int3")
     with pytest.raises(ValueError, match="pikv@0.5"):
         kv_compression.parse_setting("packed-int4+pikv")
+
+
+def test_generate_scores_the_greedy_answer_by_string_match(tmp_path):
+    model, tokenizer = get_model("qwen3_moe"), build_tokenizer()
+    out = tmp_path / "tiny.jsonl"
+    frame = _frame()
+    kv_compression.run(frame, ["dynamic", "packed-int4"], out, "tiny", model, tokenizer, decode_tokens=1,
+                       generate=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 8 and all("generated_answer" in r for r in records)
+    # the recorded answer is the greedy answer from the same compressed cache, scored by RULER's string match
+    row = frame.iloc[0]
+    inputs = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer).preprocess(
+        row.context, [row.question], row.answer_prefix, 10**9)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+    cache = recorder.snapshot.replay(None, cache_factory=lambda: make_cache("packed-int4", model.config))
+    expected = greedy_answer(model, tokenizer, cache, inputs["questions_ids"][0], inputs["context_ids"].shape[1], 8)
+    first = next(r for r in records if r["setting"] == "packed-int4" and r["task"] == row.task and r["index"] == 0)
+    assert first["generated_answer"] == expected
+    assert first["generated_score"] == (100.0 if "7481" in expected else 0.0)
+    table, _ = kv_compression.report(out, "tiny")
+    assert "generated" in table and "generated vs full [paired]" in table
