@@ -16,9 +16,11 @@ suffix and answer prefix; see ``pipe.preprocess``) and ``context_length`` is the
 
 :func:`teacher_forced_score` says whether greedy decoding would produce each gold value, without decoding the whole
 answer: one forward pass over the question, a few greedy steps while the model writes something before the value
-(``": "`` after RULER's answer prefix, "The special magic number is"), then one forward pass over the value's tokens.
-The verdict is exact, not an approximation: a value counts as recovered only if the argmax equals its token at every
-position, and the greedy steps before it are the tokens greedy decoding writes. See :class:`TeacherForcedScore`.
+(``": "`` after RULER's answer prefix, "The special magic number is"), then one forward pass over the value's tokens
+(one pass per token on caches that transform what they store, such as low-rank keys, where a pass over several
+tokens would let them see each other's untransformed keys). The verdict is exact, not an approximation: a value
+counts as recovered only if the argmax equals its token at every position, and the greedy steps before it are the
+tokens greedy decoding writes. See :class:`TeacherForcedScore`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import Cache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 from pikv_press.compat import ragged_cache_masks
 
@@ -81,6 +83,22 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: Cache, start: int, logi
     out = model(input_ids=ids.reshape(1, -1).to(device), past_key_values=cache, position_ids=positions,
                 logits_to_keep=logits_to_keep)
     return out.logits[0].float()
+
+
+def _lossless_on_write(cache: Cache) -> bool:
+    """Whether every layer of ``cache`` reads back exactly what was written (transformers' dynamic and static layers):
+    then a forward pass over several tokens gives the logits that feeding them one at a time gives. Caches that
+    transform what they store (low-rank keys, quantized codes) let tokens of one forward pass see each other's
+    untransformed keys, which greedy decoding, one token per step, never does."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer) for layer in cache.layers)
+
+
+def _force(model: nn.Module, ids: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
+    """Logits ``(seq, vocab)`` of the forced tokens ``ids`` as greedy decoding would compute them: one forward pass
+    when the cache is lossless on write, else one token per pass (exact for every cache)."""
+    if _lossless_on_write(cache) or ids.shape[-1] == 1:
+        return _forward(model, ids, cache, start)
+    return torch.cat([_forward(model, ids[i:i + 1], cache, start + i) for i in range(ids.shape[-1])])
 
 
 # -- greedy answers -------------------------------------------------------------------------------------------------
@@ -196,7 +214,7 @@ def _score_value(model, cache: Cache, logits: torch.Tensor, position: int, candi
         if token in starts:
             chosen = starts[token]
             before = save_cache(cache)
-            forced = _forward(model, torch.tensor(chosen), cache, position)
+            forced = _force(model, torch.tensor(chosen), cache, position)
             predictions = torch.cat([logits[None], forced[:-1]])  # the logits that predict each gold token
             if bool((predictions.argmax(-1) == torch.tensor(chosen)).all()):
                 nll = float(torch.nn.functional.cross_entropy(predictions, torch.tensor(chosen), reduction="sum"))
@@ -210,7 +228,7 @@ def _score_value(model, cache: Cache, logits: torch.Tensor, position: int, candi
         position += 1
     # greedy decoding does not write the value: a miss; force the likeliest spelling for the NLL and what follows
     chosen = max(candidates, key=lambda c: float(logits[c[0]]))
-    forced = _forward(model, torch.tensor(chosen), cache, position)
+    forced = _force(model, torch.tensor(chosen), cache, position)
     predictions = torch.cat([logits[None], forced[:-1]])
     nll = float(torch.nn.functional.cross_entropy(predictions, torch.tensor(chosen), reduction="sum"))
     return _ValueResult(False, nll, len(chosen), lead, len(lead) + len(chosen), forced[-1]), position + len(chosen)
