@@ -38,6 +38,14 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
     noise. Routing predicted from the attention input was not an option on that model: it matches the experts'
     actual top-1 for 11% of the tokens and recalls 57% of the top-32 (chance: 50%).
 
+    The second ablation (``measurements/routing_ablation/ablation.md``, command in the README; RULER-1k, six tasks x 6
+    samples, ratios 0.25/0.5/0.75/0.875, full cache 54.9) confirms it: no routing feature beats its base scorer
+    beyond noise at any ratio (expert-balanced TOVA -11.1 [-19.4, -2.8] at 0.5), predicted routing is no worse
+    than the layer's own. This press (TOVA) scores 52.1 / 33.3 / 13.9 / 2.8 at the four ratios; ExpectedAttention
+    with AdaKV's head-wise budgets leads at 0.5 and 0.75 (+13.2 [+4.2, +22.9] and +12.5 [+0.7, +24.3]) but only
+    masks evicted keys in a DynamicCache (no bytes freed; ragged in ``ExpertShardedCache``), and StreamingLLM leads
+    at 0.875 (+13.2 [+4.2, +22.9]). Its replay costs 3.1% of the prefill.
+
     Parameters
     ----------
     compression_ratio : fraction of the cache removed, in [0, 1).
