@@ -188,14 +188,6 @@ def _text_ids(tokenizer, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prefill(model, cache, ids: torch.Tensor, chunk: int) -> None:
-    for start in range(0, ids.numel(), chunk):
-        part = ids[start:start + chunk].view(1, -1)
-        positions = torch.arange(start, start + part.shape[1]).view(1, -1)
-        model.model(input_ids=part, past_key_values=cache, position_ids=positions)
-
-
-@torch.no_grad()
 def _step(model, cache, token: int, position: int) -> tuple[torch.Tensor, float, float]:
     w0, c0 = time.perf_counter(), time.thread_time()
     out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[position]]),
@@ -204,17 +196,14 @@ def _step(model, cache, token: int, position: int) -> tuple[torch.Tensor, float,
     return out.logits[0, -1].float(), 1000 * wall, 1000 * cpu
 
 
-def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
-    p, q = torch.log_softmax(reference, -1), torch.log_softmax(other, -1)
-    return float((p.exp() * (p - q)).sum())
-
-
 def run_context(model, tokenizer, label: str, context: int, names: list[str], rounds: list[int], args,
                 out: Path, base_rope: dict) -> None:
     from transformers import DynamicCache
 
+    from evaluation.sharded_decoding import kl
     from pikv_press.answer import restore_cache, save_cache
     from pikv_press.cache.sharded import ExpertShardedCache
+    from pikv_press.scheduling import chunked_prefill
 
     rope = _set_rope(model, rope_factor(context, model.config.max_position_embeddings), base_rope)
     ids = _text_ids(tokenizer, context + 1)
@@ -231,7 +220,8 @@ def run_context(model, tokenizer, label: str, context: int, names: list[str], ro
         else:
             log.info("context %d: prefill in chunks of %d (RoPE %s)", context, args.chunk, rope)
             t0, c0 = time.perf_counter(), time.process_time()
-            _prefill(model, cache, ids[:context], args.chunk)
+            with torch.no_grad():
+                chunked_prefill(model, ids[None, :context], None, args.chunk, cache=cache)  # no budget: every token
             record = {**common, "kind": "prefill", "chunk": args.chunk, "prefill_s": round(time.perf_counter() - t0, 1),
                       "prefill_cpu_s": round(time.process_time() - c0, 1), "loadavg": os.getloadavg()[0]}
             with out.open("a") as handle:
@@ -271,7 +261,7 @@ def run_context(model, tokenizer, label: str, context: int, names: list[str], ro
             with out.open("a") as handle:
                 for setting in names:
                     row = results[setting]
-                    row["kl"] = _kl(reference, row.pop("_logits"))
+                    row["kl"] = kl(reference, row.pop("_logits"))
                     handle.write(json.dumps(row) + "\n")
             log.info("context %d round %d: %s", context, r, ", ".join(
                 f"{s} {results[s]['wall_ms']:.0f} ms" for s in names))
