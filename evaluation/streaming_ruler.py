@@ -49,12 +49,6 @@ def results_path(args) -> Path:
     return args.out / f"{model_tag(args.model)}__ruler{args.length}.jsonl"
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def row_key(row: dict) -> tuple:
     return row["task"], row["index"], row["policy"], row["budget"], row["chunk"]
 
@@ -87,11 +81,12 @@ def measure(args, argv: Sequence[str] | None) -> Path:
     from evaluation.data.ruler import load_ruler
     from evaluation.embedded_model.build import command_line
     from evaluation.models import load_model
+    from evaluation.streaming import read_records
     from pikv_press import use_dense_masked_experts
 
     out = results_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {row_key(r) for r in read_rows(out)}
+    done = {row_key(r) for r in read_records(out)}
     model, tokenizer, label = load_model(args.model)
     if args.experts == "dense_masked":
         use_dense_masked_experts(model)
@@ -159,9 +154,9 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def report(path: Path) -> str:
-    from evaluation.streaming import LABELS
+    from evaluation.streaming import LABELS, read_records
 
-    rows = read_rows(path)
+    rows = read_records(path)
     if not rows:
         raise SystemExit(f"No results in {path}: run the command without --report first.")
     points = summary(rows)
