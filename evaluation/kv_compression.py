@@ -9,12 +9,12 @@ replayed on that record into its own cache and scored, in the same loop, so that
 machine conditions. A setting is ``<cache>`` or ``<cache>+<press>@<ratio>`` (cache names of
 :func:`pikv_press.make_cache`, press names of :mod:`evaluation.registry`), by default:
 
-* ``dynamic`` (the full cache), ``dynamic+pikv@0.5`` (PiKVPress removing half the tokens, full precision: the
+* ``dynamic`` (the full cache), ``dynamic+tova@0.5`` (PiKVPress removing half the tokens, full precision: the
   eviction's own loss, to tell it from the quantization's), ``packed-int8`` / ``packed-int4`` / ``packed-int2``
-  (pikv-press's KIVI-style packed cache: groups of 32, 32 full-precision recent tokens), ``packed-int4+pikv@0.5``
+  (pikv-press's KIVI-style packed cache: groups of 32, 32 full-precision recent tokens), ``packed-int4+tova@0.5``
   (int4 after PiKVPress removed half the tokens), ``lowrank-k50`` / ``lowrank-k25`` (keys on their top singular
   directions, 50% / 25% of their width), ``quantized-int4`` / ``quantized-hqq-int4`` (transformers'
-  ``QuantizedCache``, quanto and HQQ backends), ``packed-int4-g64r0+pikv@0.5``: the same eviction on the leanest
+  ``QuantizedCache``, quanto and HQQ backends), ``packed-int4-g64r0+tova@0.5``: the same eviction on the leanest
   int4 layout a 64-wide head allows (groups of 64, no full-precision window; a cache name this module registers), for
   the issue's "8x fewer bytes" goal.
 
@@ -68,12 +68,12 @@ FULL = "dynamic"
 # tokens, per value row), no full-precision window; registered here for the 8x question of issue 13.
 LEAN_INT4 = "packed-int4-g64r0"
 register_cache(LEAN_INT4, packed_cache_factory(4, group_size=64, residual_length=0))
-DEFAULT_SETTINGS = ("dynamic,packed-int8,packed-int4,packed-int2,dynamic+pikv@0.5,packed-int4+pikv@0.5,"
-                    "packed-int4-g64r0+pikv@0.5,lowrank-k50,lowrank-k25,quantized-int4,quantized-hqq-int4")
+DEFAULT_SETTINGS = ("dynamic,packed-int8,packed-int4,packed-int2,dynamic+tova@0.5,packed-int4+tova@0.5,"
+                    "packed-int4-g64r0+tova@0.5,lowrank-k50,lowrank-k25,quantized-int4,quantized-hqq-int4")
 DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_single_3,niah_multikey_1"
 DEFAULT_OUT = Path("measurements/kv_compression")
-GOALS = (("packed-int4", 1.0, None), ("packed-int2", 3.0, None), ("packed-int4+pikv@0.5", 2.0, 8.0),
-         (f"{LEAN_INT4}+pikv@0.5", 2.0, 8.0))
+GOALS = (("packed-int4", 1.0, None), ("packed-int2", 3.0, None), ("packed-int4+tova@0.5", 2.0, 8.0),
+         (f"{LEAN_INT4}+tova@0.5", 2.0, 8.0))
 
 
 def parse_setting(setting: str) -> tuple[str, str | None, float]:
@@ -85,7 +85,7 @@ def parse_setting(setting: str) -> tuple[str, str | None, float]:
         return cache, None, 0.0
     name, _, ratio = press.partition("@")
     if not ratio:
-        raise ValueError(f"Setting {setting!r}: give the press's ratio as <press>@<ratio>, e.g. pikv@0.5.")
+        raise ValueError(f"Setting {setting!r}: give the press's ratio as <press>@<ratio>, e.g. tova@0.5.")
     return cache, name, float(ratio)
 
 

@@ -1,7 +1,8 @@
-"""Needle-in-a-haystack heatmaps (depth x length) of `PiKVPress` against baselines, teacher-forced, resumable.
+"""Needle-in-a-haystack heatmaps (depth x length) of `PiKVPress` (the registry's ``expected_attention``) against
+baselines, teacher-forced, resumable.
 
     python -m evaluation.needle_heatmap [--lengths 1024,2048,4096] [--depths 0,25,50,75,100]
-                                        [--presses no_press,pikv,expected_attention,streaming_llm]
+                                        [--presses no_press,expected_attention,tova,streaming_llm]
                                         [--ratios 0.5,0.75] [--threads 1] [--report]
 
 One needle context per (length, depth) cell (:mod:`evaluation.data.niah`: Paul Graham essays, Kamradt's needle),
@@ -24,7 +25,9 @@ import pandas as pd
 from evaluation import cli, evaluate
 from evaluation.models import EMBEDDED, model_tag
 
-DEFAULT_PRESSES = "no_press,pikv,expected_attention,streaming_llm"
+DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm"
+# PiKVPress keeps exactly what the registry's expected_attention (AdaKV + ExpectedAttention) keeps: its runs are those
+LABELS = {"expected_attention": "PiKVPress = expected_attention", "pikv": "PiKVPress"}
 
 
 def collect(output_dir: Path, model: str) -> pd.DataFrame:
@@ -71,7 +74,8 @@ def report(frame: pd.DataFrame, output_dir: Path, command: str) -> str:
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, "✓" if marks[i, j] else "✗", ha="center", va="center",
                             color="white" if grid[i, j] > vmax / 2 else "black", fontsize=10)
-        label = press if press == "no_press" else f"{press} @ {ratio:g}"
+        name = LABELS.get(press, press)
+        label = name if press == "no_press" else f"{name} @ {ratio:g}"
         ax.set_title(f"{label}: {int(marks.sum())}/{int((~np.isnan(grid)).sum())}", fontsize=9)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)

@@ -87,9 +87,9 @@ def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = 
 
 
 def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float],
-           tasks: list[str] | None = None, model: str = EMBEDDED) -> str:
+           tasks: list[str] | None = None, model: str = EMBEDDED, base: str = REFERENCE) -> str:
     """The pooled table of the chunks in ``files`` that hold every run of ``model`` (their samples of ``tasks``
-    only, if given)."""
+    only, if given); a base scorer is paired against ``base``."""
     runs_dir = output_dir / "runs"
     wanted = [(p, r) for p in presses for r in ([0.0] if p == "no_press" else ratios)]
     complete = [f for f in files
@@ -119,8 +119,8 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
         low, high = bootstrap_interval(s, tasks)
         cells = [press, f"{ratio:g}", f"{task_mean(s, tasks):.1f} [{low:.1f}, {high:.1f}]"]
         reference = reference_press(press, presses)
-        if press != "no_press" and reference is None and press != REFERENCE:
-            reference = REFERENCE if REFERENCE in presses else None  # a base scorer against TOVA
+        if press != "no_press" and reference is None and press != base:
+            reference = base if base in presses else None  # a base scorer against the base press
         for ref in (("no_press", 0.0), (reference, ratio)):
             if press == ref[0] or ref not in scores:
                 cells.append("")
@@ -141,7 +141,7 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
     per_task = {p: {t: round(float(g['score'].mean()), 1) for t, g in scores[(p, r)].groupby("task")}
                 for p, r in wanted if r in (0.0, max(ratios))}
     lines += ["", "Reference: the same press with one thing off (a routing feature against its base scorer, "
-              "predicted routing against the layer's own routing); a base scorer against TOVA.", "",
+              f"predicted routing against the layer's own routing); a base scorer against `{base}`.", "",
               "Gold NLL: mean negative log-likelihood per gold-answer token (lower is better; a paired difference "
               "below 0 means the press keeps what the answer needs better than its reference).", "",
               "Replay time: replaying the press on the recorded prefill (copy of the full cache included), as a "
@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=EMBEDDED, help="'embedded' (default) or a variant ('embedded-sparse8')")
     parser.add_argument("--output_dir", default="measurements/routing_ablation")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--base", default=REFERENCE, help="the press that base scorers are paired against")
+    parser.add_argument("--split_tasks", action="store_true",
+                        help="one file (and evaluation sweep) per task in a chunk: resumable per context at long "
+                             "lengths, where a chunk of every task takes an hour")
     parser.add_argument("--pool_with", default="",
                         help="chunk files of other runs (another task list) whose samples of --tasks are pooled too")
     args = parser.parse_args(argv)
@@ -175,17 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     presses = cli.comma_list(args.presses)
     ratios = cli.comma_list(args.ratios, float)
     files = []
+    tasks = cli.comma_list(args.tasks)
     for chunk in range(args.first_chunk, args.chunks):
-        path = chunk_file(output_dir, args.length, chunk, args.chunk_size, cli.comma_list(args.tasks))
-        files.append(path)
-        if not args.report_only:
-            status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model)
-            if status:
-                return status
-            text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks), args.model)
-            (output_dir / "ablation.md").write_text(text + "\n")
+        for part in ([[t] for t in tasks] if args.split_tasks else [tasks]):
+            path = chunk_file(output_dir, args.length, chunk, args.chunk_size, part)
+            files.append(path)
+            if not args.report_only:
+                status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model)
+                if status:
+                    return status
+                text = report(output_dir, files, presses, ratios, tasks, args.model, args.base)
+                (output_dir / "ablation.md").write_text(text + "\n")
     files += [Path(f) for f in cli.comma_list(args.pool_with)]
-    text = report(output_dir, files, presses, ratios, cli.comma_list(args.tasks), args.model)
+    text = report(output_dir, files, presses, ratios, tasks, args.model, args.base)
     (output_dir / "ablation.md").write_text(text + "\n")
     print(text)
     return 0

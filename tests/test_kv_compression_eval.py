@@ -51,7 +51,7 @@ def test_run_is_resumable_and_reports(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="Unknown cache 'packed-int3'"):
         kv_compression.parse_setting("packed-int3")
-    with pytest.raises(ValueError, match="pikv@0.5"):
+    with pytest.raises(ValueError, match="tova@0.5"):
         kv_compression.parse_setting("packed-int4+pikv")
 
 

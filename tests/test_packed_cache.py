@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from kvpress import DecodingPress, KnormPress
+from kvpress import DecodingPress, KnormPress, TOVAPress
 from transformers import DynamicCache, Qwen3MoeConfig, pipeline
 
-from pikv_press import MoEAware, PiKVPress, cache_lengths, cache_nbytes, layer_access
+from pikv_press import MoEAware, cache_lengths, cache_nbytes, layer_access
 from pikv_press.cache.packed import PackedKVCache, PackedKVLayer
 from pikv_press.kernels.lowbit import dequantize
 from pikv_press.prefill import PrefillRecorder
@@ -108,7 +108,7 @@ def _bytes_after_prefill(model, cache, ids, press=None) -> int:
     return cache_nbytes(cache)
 
 
-@pytest.mark.parametrize("press", [KnormPress(0.5), PiKVPress(0.5)], ids=["knorm", "pikv"])
+@pytest.mark.parametrize("press", [KnormPress(0.5), TOVAPress(0.5)], ids=["knorm", "tova"])
 def test_eviction_press_halves_tokens_and_bytes(press):
     model = get_model("qwen3_moe")
     layers = model.config.num_hidden_layers

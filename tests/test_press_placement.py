@@ -39,10 +39,25 @@ def _ids() -> torch.Tensor:
 
 
 def _compress(model, press) -> DynamicCache:
+    """The cache after a prefill under ``press``; head-wise masks (PiKVPress's AdaKV budgets) kept on
+    ``cache.masks`` and cleared from the model."""
     cache = DynamicCache()
     with torch.no_grad(), press(model):
         model.model(input_ids=_ids(), past_key_values=cache)
+    cache.masks = []
+    for layer in model.model.layers:
+        cache.masks.append(getattr(layer.self_attn, "masked_key_indices", None))
+        layer.self_attn.masked_key_indices = None
     return cache
+
+
+def _kept(cache: DynamicCache) -> list[int]:
+    """Tokens kept per layer, averaged over kv heads (stored minus masked)."""
+    kept = []
+    for layer, mask in zip(cache.layers, cache.masks, strict=True):
+        masked = 0 if mask is None else mask[1].numel()
+        kept.append((layer.keys.shape[1] * layer.keys.shape[2] - masked) / layer.keys.shape[1])
+    return kept
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +80,14 @@ def test_placed_model_compresses_exactly_as_the_plain_model(plain_and_placed, na
     before = press_hooks(placed)
     expected, got = _compress(plain, PRESSES[name]()), _compress(placed, PRESSES[name]())
     assert press_hooks(placed) == before
-    total = 0
     for ours, theirs in zip(got.layers, expected.layers, strict=True):
         assert ours.keys.device.type == "cpu"
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=0)
         torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=0)
-        total += ours.keys.shape[2]
-    assert total == len(got.layers) * compute_n_kept(SEQ, 0.5)
+    for ours, theirs in zip(got.masks, expected.masks, strict=True):
+        assert (ours is None) == (theirs is None)
+        assert ours is None or all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert sum(_kept(got)) == len(got.layers) * compute_n_kept(SEQ, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -79,7 +95,7 @@ def test_placed_model_compresses_exactly_as_the_plain_model(plain_and_placed, na
 def test_half_precision(name, dtype):
     model = build_model("qwen3_moe").to(dtype)
     cache = _compress(model, PRESSES[name]())
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    lengths = _kept(cache)
     assert sum(lengths) == len(lengths) * compute_n_kept(SEQ, 0.5)
     if name != "layer_budget":  # per-layer budgets differ by design; their sum is the global budget
         assert lengths == [compute_n_kept(SEQ, 0.5)] * len(lengths)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kvpress import AdaKVPress, ComposedPress, KnormPress, SnapKVPress, TOVAPress
+from kvpress import AdaKVPress, ComposedPress, ExpectedAttentionPress, KnormPress, SnapKVPress, TOVAPress
 from kvpress.utils import compute_n_kept
 from transformers import DynamicCache
 
@@ -123,23 +123,41 @@ def test_expert_balanced_differs_from_its_base_and_power_one_top_k_still_exact()
 
 
 def test_pikv_press_is_its_documented_composition():
-    """PiKVPress is MoE-correct TOVA (the ablation's choice): the same caches as MoEAware(TOVAPress)."""
+    """PiKVPress is MoE-correct AdaKV(ExpectedAttention) (the ablation's choice): the same caches and the same
+    head-wise masks as MoEAware(AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)))."""
     model = get_model("qwen3_moe")  # a QK-norm family, where plain kvpress would score with the wrong queries
     ids = _ids(48)
-    caches = []
-    for press in (PiKVPress(0.75), MoEAware(TOVAPress(0.75))):
+    caches, masks = [], []
+    for press in (PiKVPress(0.75), MoEAware(AdaKVPress(ExpectedAttentionPress(0.75, epsilon=1e-2)))):
         cache = DynamicCache()
         with torch.no_grad(), press(model):
             model.model(input_ids=ids, past_key_values=cache)
         caches.append(cache)
-    assert [layer.keys.shape[2] for layer in caches[0].layers] == [12] * 3
+        masks.append([layer.self_attn.masked_key_indices for layer in model.model.layers])
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = None
+    heads = model.config.num_key_value_heads
+    for mask in masks[0]:  # 3/4 of every layer's (head, token) entries masked, not the same count per head
+        assert mask[1].numel() == heads * (48 - compute_n_kept(48, 0.75))
+    assert any(len(set(torch.bincount(mask[1], minlength=heads).tolist())) > 1 for mask in masks[0])
+    for a, b in zip(*masks, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     for a, b in zip(*(c.layers for c in caches), strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    press = PiKVPress(0.5)
+    press.compression_ratio = 0.25
+    assert press.press.compression_ratio == 0.25
     with pytest.raises(ValueError, match="compression_ratio"):
         PiKVPress(1.5)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        press.compression_ratio = -0.1
+    with pytest.raises(ValueError, match="alpha_safeguard"):
+        PiKVPress(0.5, alpha_safeguard=2.0)
     with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), PiKVPress(0.5)(model):
         model.model(input_ids=torch.cat([ids, ids]), past_key_values=DynamicCache())
     assert not _press_hooks(model)
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
 
 
 # -- routing features ----------------------------------------------------------------------------------------------

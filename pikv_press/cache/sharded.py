@@ -63,6 +63,38 @@ LOCAL = "local"
 
 
 # -- rows --------------------------------------------------------------------------------------------------------
+
+class _Prefix:
+    """``layer.keys[:, :, :n]`` of a ragged layer: assigning it back crops the layer to its first ``n`` tokens."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+
+class _RaggedView:
+    """What ``keys`` / ``values`` return for a layer whose kv heads hold different numbers of tokens (after head-wise
+    eviction): only kvpress's pipeline idiom ``layer.keys = layer.keys[:, :, :n]`` (trimming an answer) works on it;
+    anything else raises the ``ValueError`` that says why."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def _refuse(self):
+        self._layer._dense_order()  # raises the explanation
+        raise ValueError("This layer is no longer ragged: read its keys again.")
+
+    def __getitem__(self, index):
+        if (isinstance(index, tuple) and len(index) == 3 and index[0] == slice(None) and index[1] == slice(None)
+                and isinstance(index[2], slice) and index[2].start in (None, 0) and index[2].step in (None, 1)
+                and isinstance(index[2].stop, int)):
+            return _Prefix(index[2].stop)
+        self._refuse()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._refuse()
+
 class Rows:
     """Rows of one shard: ``keys`` (n, key_dim), ``values`` (n, value_dim), ``heads`` (n,) int32 kv head,
     ``index`` (n,) int64 insertion index, ``expert`` (n,) int32 routed expert (-1: not known yet)."""
@@ -227,23 +259,33 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         """All keys ``(1, kv_heads, seq, key_dim)`` in insertion order (a copy; ``ValueError`` when the kv heads hold
         different numbers of tokens). Assigning a prefix of it crops the layer (kvpress's pipeline trims answers so);
         assigning other rows, then ``values``, keeps those rows (what a kvpress press does after scoring)."""
-        return self.read()[0] if self.is_initialized else None
+        if not self.is_initialized:
+            return None
+        return _RaggedView(self) if self._ragged() else self.read()[0]
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
         if value is None or not self.is_initialized:
             return  # CacheLayerMixin.__init__
+        if isinstance(value, _Prefix):
+            self.crop(value.length)
+            return
         if not self._crop_to(value, 0):
             self.__dict__["_pending_keys"] = value
 
     @property
     def values(self) -> torch.Tensor | None:
         """All values, as :attr:`keys`."""
-        return self.read()[1] if self.is_initialized else None
+        if not self.is_initialized:
+            return None
+        return _RaggedView(self) if self._ragged() else self.read()[1]
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
         if value is None or not self.is_initialized:
+            return
+        if isinstance(value, _Prefix):
+            self.crop(value.length)
             return
         pending = self.__dict__.pop("_pending_keys", None)
         if pending is not None:
@@ -318,6 +360,10 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
         for _, rows in self.all_shards():
             counts += torch.bincount(rows.heads.long().cpu(), minlength=self.kv_heads)
         return counts
+
+    def _ragged(self) -> bool:
+        counts = self.head_counts()
+        return bool(counts.numel()) and bool((counts != counts[0]).any())
 
     def _dense_order(self) -> tuple[Rows, torch.Tensor]:
         """All rows sorted by (head, insertion index) and the count per head; ``ValueError`` when heads differ."""

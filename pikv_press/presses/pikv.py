@@ -2,59 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from kvpress import AdaKVPress, ExpectedAttentionPress
 
-from kvpress import TOVAPress
-
+from pikv_press.attention import headwise
 from pikv_press.compat import _MoEAwareBase
 from pikv_press.presses.base import check_batch_size_one, check_ratio
 
 
-@dataclass
-class PiKVPress(_MoEAwareBase, TOVAPress):
-    """The default press. Today it is TOVA (arXiv 2401.06104: keep the tokens the last context token attends to
-    most, averaged over heads), made MoE-correct (:mod:`pikv_press.compat`): **routing did not help** in the first
-    ablation, so no routing feature is part of it.
+class PiKVPress(_MoEAwareBase, AdaKVPress):
+    """The default press: ExpectedAttention scores (kvpress's ``ExpectedAttentionPress``: the attention that future
+    queries, modelled as a Gaussian fitted to the context's recent queries and rotated to future positions, are
+    expected to pay each key, times the value's norm; the first 4 tokens kept) under AdaKV's head-wise budgets
+    (arXiv 2407.11550: the tokens to drop are chosen across all kv heads of a layer at once, each head keeping at
+    least 20% of its share), made MoE-correct (:mod:`pikv_press.compat`). **No routing feature is part of it:
+    routing did not help** in the ablations below. ``PiKVPress(r)`` keeps exactly what
+    ``MoEAware(AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)))`` keeps (``"expected_attention"`` in
+    :mod:`evaluation.registry`), with argument checks.
 
-    The ablation (``python -m evaluation.routing_ablation --tasks niah_single_1,niah_single_2,qa_1 --first_chunk 1
-    --chunks 9 --pool_with <its 9-task chunk 0>``; RULER-1k, embedded model ``smollm2-moe-ed1da41ac4``,
-    teacher-forced; 27 samples, 9 per task, on the retrieval tasks that the model solves with the full cache, which
-    scores 74.1 [63.0, 85.2]) put each routing feature on top of TOVA (paired differences to TOVA, 95% intervals):
+    **Where the bytes go.** AdaKV gives kv heads different numbers of tokens. A transformers ``DynamicCache`` holds
+    the same number per head, so there (as with kvpress's ``AdaKVPress``) the evicted keys are *masked* in
+    attention (``module.masked_key_indices``), which is exactly eviction for the answers, and no bytes are freed.
+    With ``attn_implementation="sdpa"`` the mask is exact (:mod:`pikv_press.attention.headwise`: a per-head
+    ``-inf`` mask, where kvpress's patch searches for a fake key that can fail with "Could not find fake keys").
+    :class:`~pikv_press.cache.ExpertShardedCache` stores each head's rows ragged and frees them (``cache_nbytes``
+    falls by the ratio). For a press that shrinks a ``DynamicCache`` or a packed cache in place, use
+    ``MoEAware(TOVAPress(r))`` (what this press was before the second ablation) or another uniform-budget press.
 
-    * ratio 0.5, TOVA 63.0 [48.1, 77.8]: :class:`ExpertBalancedPress` -25.9 [-37.0, -14.8] (gold NLL +0.89
-      [+0.53, +1.24]), :class:`RouterAffinityPress` -33.3 [-51.9, -14.8] (NLL +1.63 [+0.84, +2.66]),
-      :class:`RoutingNoveltyPress` -3.7 [-11.1, 0.0] (NLL +0.02 [-0.35, +0.34]);
-    * ratio 0.75, TOVA 25.9 [11.1, 40.7]: ExpertBalancedPress +7.4 [-7.4, +22.2] (NLL -0.39 [-0.92, +0.13]),
-      RoutingNoveltyPress +7.4 [-7.4, +22.2] (NLL +0.64 [-0.16, +1.53]), RouterAffinityPress -22.2 [-37.0, -7.4].
+    **Why this press.** The second ablation (``measurements/routing_ablation/ablation.md``, command in the README:
+    RULER-1k on the embedded model ``smollm2-moe-ed1da41ac4``, teacher-forced, the six tasks the full cache can
+    solve, 6 samples per task when this was chosen, full cache 54.9) paired each press with TOVA at four ratios:
+    ExpectedAttention + AdaKV 45.8 / 46.5 / 26.4 / 2.8 at 0.25 / 0.5 / 0.75 / 0.875, against TOVA 52.1 / 33.3 / 13.9
+    / 2.8: +13.2 [+4.2, +22.9] at 0.5 and +12.5 [+0.7, +24.3] at 0.75, -6.2 [-14.6, 0.0] at 0.25. It also led TOVA
+    in ``make demo`` (RULER-1k, 32 samples at 0.5: 53.1 vs 43.8) and on the needle grid (``python -m
+    evaluation.needle_heatmap``, 0.5: 4/15 vs 1/15). It is not the best press everywhere: StreamingLLM leads at 0.875
+    (16.0, +13.2 [+4.2, +22.9] over TOVA) and on the needle grid (9/15 at 0.5), and without AdaKV's head-wise budgets
+    ExpectedAttention collapses (5.6 at 0.5): the head-wise budget is what works. Its replay costs about 25% of the
+    prefill on a CPU (TOVA: 3%), above the 5% goal.
 
-    Two features hurt at 0.5 and nothing beat TOVA beyond noise at 0.75. TOVA is not the best kvpress press
-    everywhere either: on needle-in-a-haystack contexts (``python -m evaluation.needle_heatmap``: Paul Graham essays,
-    1k/2k/4k tokens x 5 depths, one sample per cell, teacher-forced) the full cache writes the needle 15/15, and at
-    ratio 0.5 StreamingLLM 9/15, ExpectedAttention 4/15 and this press 1/15 (at 0.75: 3, 0 and 1 of 15); on RULER-1k
-    (``make demo``, 32 samples at 0.5) ExpectedAttention with AdaKV led (53.1) ahead of TOVA (43.8) and StreamingLLM
-    (34.4), with overlapping intervals. No single kvpress scorer leads on both haystacks, so this press has not been
-    switched to another on this evidence. Among kvpress baselines TOVA led at 0.5
-    (StreamingLLM 48.1, SnapKV 33.3, Knorm 33.3); at 0.75 StreamingLLM's 37.0 was +11.1 [-7.4, +29.6] over TOVA, within
-    noise. Routing predicted from the attention input was not an option on that model: it matches the experts'
-    actual top-1 for 11% of the tokens and recalls 57% of the top-32 (chance: 50%).
-
-    The second ablation (``measurements/routing_ablation/ablation.md``, command in the README; RULER-1k, six tasks x 6
-    samples, ratios 0.25/0.5/0.75/0.875, full cache 54.9) confirms it: no routing feature beats its base scorer
-    beyond noise at any ratio (expert-balanced TOVA -11.1 [-19.4, -2.8] at 0.5), predicted routing is no worse
-    than the layer's own. This press (TOVA) scores 52.1 / 33.3 / 13.9 / 2.8 at the four ratios; ExpectedAttention
-    with AdaKV's head-wise budgets leads at 0.5 and 0.75 (+13.2 [+4.2, +22.9] and +12.5 [+0.7, +24.3]) but only
-    masks evicted keys in a DynamicCache (no bytes freed; ragged in ``ExpertShardedCache``), and StreamingLLM leads
-    at 0.875 (+13.2 [+4.2, +22.9]). Its replay costs 3.1% of the prefill.
+    **Routing.** Every routing feature was measured on top of a base scorer (the README's "Routing-aware presses"):
+    expert-balanced budgets -11.1 [-19.4, -2.8] on TOVA at 0.5, novelty and routing-driven layer budgets within
+    noise at every ratio, router affinity -33.3 in the first ablation; routing predicted from the attention input
+    was no worse than the layer's own. On the sparse-routing variant (8 of 64 experts) expert-balanced TOVA was
+    +17.8 [+4.4, +31.1] at 0.75 on 45 samples, almost all on one task: a hint, not a result.
 
     Parameters
     ----------
-    compression_ratio : fraction of the cache removed, in [0, 1).
+    compression_ratio : fraction of the cache removed, in [0, 1) (averaged over kv heads in each layer).
+    alpha_safeguard : share of its budget that every kv head keeps, in [0, 1] (AdaKV's safeguard).
+    epsilon : ExpectedAttention's small constant added to every score (1e-2, as the registry's baseline).
     """
 
-    def __post_init__(self):
-        check_ratio(self, self.compression_ratio)
-        super().__post_init__()
+    def __init__(self, compression_ratio: float = 0.0, alpha_safeguard: float = 0.2, epsilon: float = 1e-2):
+        check_ratio(self, compression_ratio)
+        if not isinstance(alpha_safeguard, (int, float)) or not 0.0 <= alpha_safeguard <= 1.0:
+            raise ValueError(f"PiKVPress: alpha_safeguard must be in [0, 1] (the share of its budget every kv head "
+                             f"keeps), got {alpha_safeguard!r}.")
+        if not isinstance(epsilon, (int, float)) or epsilon < 0:
+            raise ValueError(f"PiKVPress: epsilon must be a number >= 0, got {epsilon!r}.")
+        super().__init__(press=ExpectedAttentionPress(compression_ratio=float(compression_ratio),
+                                                      epsilon=float(epsilon)),
+                         alpha_safeguard=float(alpha_safeguard))
 
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        check_ratio(self, value)
+        self.press.compression_ratio = value
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         check_batch_size_one(self, keys)
-        return super().score(module, hidden_states, keys, values, attentions, kwargs)
+        headwise.mark(module)  # masks applied exactly in SDPA, not by kvpress's fake-key search
+        return super().compress(module, hidden_states, keys, values, attentions, kwargs)
