@@ -58,9 +58,9 @@ def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks
 
 
 def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threads: int | None,
-              model: str = EMBEDDED) -> int:
+              model: str = EMBEDDED, scoring: str = "teacher_forced") -> int:
     argv = ["--dataset", "ruler", "--data_dir", str(path), "--model", model, "--press_name", ",".join(presses),
-            "--compression_ratio", ratios, "--scoring", "teacher_forced", "--max_new_tokens", "32",
+            "--compression_ratio", ratios, "--scoring", scoring, "--max_new_tokens", "32",
             "--output_dir", str(runs_dir)]
     if threads:
         argv += ["--threads", str(threads)]
@@ -81,33 +81,38 @@ def reference_press(press: str, presses: list[str]) -> str | None:
     return None
 
 
-def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = EMBEDDED) -> Path:
+def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = EMBEDDED,
+             scoring: str = "teacher_forced") -> Path:
     ratio = 0.0 if press == "no_press" else ratio
-    return runs_dir / f"ruler__{path.stem}__{model_tag(model)}__{press}__{ratio:.2f}__teacher_forced"
+    return runs_dir / f"ruler__{path.stem}__{model_tag(model)}__{press}__{ratio:.2f}__{scoring}"
 
 
 def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float],
-           tasks: list[str] | None = None, model: str = EMBEDDED, base: str = REFERENCE) -> str:
+           tasks: list[str] | None = None, model: str = EMBEDDED, base: str = REFERENCE,
+           scoring: str = "teacher_forced") -> str:
     """The pooled table of the chunks in ``files`` that hold every run of ``model`` (their samples of ``tasks``
-    only, if given); a base scorer is paired against ``base``."""
+    only, if given); a base scorer is paired against ``base``. ``scoring="generate"``: greedy answers scored by
+    RULER's string match (no gold NLL)."""
     runs_dir = output_dir / "runs"
     wanted = [(p, r) for p in presses for r in ([0.0] if p == "no_press" else ratios)]
     complete = [f for f in files
-                if all((_run_dir(runs_dir, f, p, r, model) / "metrics.json").exists() for p, r in wanted)]
+                if all((_run_dir(runs_dir, f, p, r, model, scoring) / "metrics.json").exists() for p, r in wanted)]
     if not complete:
         return "no finished chunk yet"
     scores = {}
     for press, ratio in wanted:
-        parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio, model) / "predictions.csv")
+        parts = [evaluate.read_predictions(_run_dir(runs_dir, f, press, ratio, model, scoring) / "predictions.csv")
                  for f in complete]
         pooled = pd.concat(parts, ignore_index=True)
         scores[(press, ratio)] = pooled if tasks is None else pooled[pooled["task"].isin(tasks)].reset_index(drop=True)
     full = scores[("no_press", 0.0)]
     tasks = full["task"].astype(str).to_numpy()
     n_tasks = len(set(tasks))
-    lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, teacher-forced (greedy writes "
-             f"the gold answer exactly), {len(full)} samples ({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per "
-             "task), 95% bootstrap intervals (paired where a difference is shown).", "",
+    how = ("teacher-forced (greedy writes the gold answer exactly)" if scoring == "teacher_forced" else
+           "generated (greedy answers, RULER's string match)")
+    lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, {how}, {len(full)} samples "
+             f"({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per task), 95% bootstrap intervals "
+             "(paired where a difference is shown).", "",
              "| press | ratio | score [95% CI] | vs full cache [paired] | vs reference, same ratio [paired] | "
              "reference | gold NLL | NLL vs reference [paired] | replay time / prefill time |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -128,8 +133,9 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
             d, d_low, d_high = paired_difference(s, scores[ref]["score"].to_numpy(float), tasks)
             cells.append(f"{d:+.1f} [{d_low:+.1f}, {d_high:+.1f}]")
         cells.append(reference if (reference, ratio) in scores else "")
-        cells.append(f"{np.mean(out['nll'].astype(float)):.3f}")
-        if (reference, ratio) not in scores:
+        has_nll = "nll" in out and out["nll"].notna().all()
+        cells.append(f"{np.mean(out['nll'].astype(float)):.3f}" if has_nll else "")
+        if (reference, ratio) not in scores or not has_nll:
             cells.append("")
         else:
             d, d_low, d_high = paired_difference(out["nll"].to_numpy(float),
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="measurements/routing_ablation")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--base", default=REFERENCE, help="the press that base scorers are paired against")
+    parser.add_argument("--scoring", default="teacher_forced", choices=("teacher_forced", "generate"),
+                        help="generate: greedy answers scored by RULER's string match (report: ablation_generated.md)")
     parser.add_argument("--split_tasks", action="store_true",
                         help="one file (and evaluation sweep) per task in a chunk: resumable per context at long "
                              "lengths, where a chunk of every task takes an hour")
@@ -180,19 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     ratios = cli.comma_list(args.ratios, float)
     files = []
     tasks = cli.comma_list(args.tasks)
+    name = "ablation.md" if args.scoring == "teacher_forced" else "ablation_generated.md"
     for chunk in range(args.first_chunk, args.chunks):
         for part in ([[t] for t in tasks] if args.split_tasks else [tasks]):
             path = chunk_file(output_dir, args.length, chunk, args.chunk_size, part)
             files.append(path)
             if not args.report_only:
-                status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model)
+                status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model,
+                                   args.scoring)
                 if status:
                     return status
-                text = report(output_dir, files, presses, ratios, tasks, args.model, args.base)
-                (output_dir / "ablation.md").write_text(text + "\n")
+                text = report(output_dir, files, presses, ratios, tasks, args.model, args.base, args.scoring)
+                (output_dir / name).write_text(text + "\n")
     files += [Path(f) for f in cli.comma_list(args.pool_with)]
-    text = report(output_dir, files, presses, ratios, tasks, args.model, args.base)
-    (output_dir / "ablation.md").write_text(text + "\n")
+    text = report(output_dir, files, presses, ratios, tasks, args.model, args.base, args.scoring)
+    (output_dir / name).write_text(text + "\n")
     print(text)
     return 0
 

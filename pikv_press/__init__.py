@@ -23,7 +23,8 @@ Public API
 - :mod:`pikv_press.scheduling`: decode-time policies (H2O, StreamingLLM, Quest-style pages, LRU, LFU, expert-aware) and
   bounded-memory chunked prefill (:func:`pikv_press.scheduling.chunked_prefill`).
 - :mod:`pikv_press.kernels`: Triton kernels beside their torch references (``PIKV_KERNELS=auto|torch|triton``).
-- :class:`PiKVPress` (today TOVA made MoE-correct: routing did not help in the first ablation) and the experimental
+- :class:`PiKVPress` (ExpectedAttention under AdaKV's head-wise budgets, made MoE-correct: routing did not help in
+  the ablations) and the experimental
   routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
   :class:`RoutingLayerBudgetPress`.
 - :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).

@@ -52,3 +52,24 @@ def test_report_pairs_each_row_with_its_reference(tmp_path):
     assert table["tova"][5] == "" and table["tova"][4] == ""
     assert eb[3].startswith("+0.0")  # against the full cache
     assert "10.0%" in eb[-1]  # replay / prefill
+
+
+def test_report_of_generated_runs_has_no_nll_and_a_base_of_choice(tmp_path):
+    chunk = tmp_path / "data" / "ruler4096_2tasks2_size2_chunk000.jsonl"
+    runs = tmp_path / "runs"
+    rows = {("no_press", 0.0): [100, 100, 100, 0], ("pikv", 0.5): [100, 0, 100, 0], ("tova", 0.5): [0, 0, 100, 0]}
+    for (press, ratio), scores in rows.items():
+        folder = ra._run_dir(runs, chunk, press, ratio, EMBEDDED, "generate")
+        folder.mkdir(parents=True)
+        pd.DataFrame({"question": [f"q{i}" for i in range(4)], "task": ["a", "a", "b", "b"], "score": scores,
+                      "press_seconds": 1.0, "prefill_seconds": 10.0, "predicted_answer": "x"}).to_csv(
+            folder / "predictions.csv", index=False)
+        (folder / "metrics.json").write_text("{}")
+    assert ra.report(tmp_path, [chunk], list(p for p, _ in rows), [0.5]) == "no finished chunk yet"  # teacher-forced
+    text = ra.report(tmp_path, [chunk], [p for p, _ in rows], [0.5], base="pikv", scoring="generate")
+    assert "generated (greedy answers" in text
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| press ")}
+    # tova (0 + 50) / 2 = 25 against pikv (50 + 50) / 2 = 50
+    assert table["tova"][4].startswith("-25.0") and table["tova"][5] == "pikv" and table["tova"][6] == ""
+    assert table["pikv"][5] == ""

@@ -1,6 +1,7 @@
 """pikv-press's presses: kvpress dataclasses, MoE-aware by construction, composable with kvpress presses.
 
-- :class:`PiKVPress`: the default press (MoE-correct TOVA today: routing did not help; figures in its docstring).
+- :class:`PiKVPress`: the default press (MoE-correct ExpectedAttention under AdaKV's head-wise budgets: routing did
+  not help; figures in its docstring).
 - :class:`ExpertBalancedPress`: the kept budget split across the experts the context tokens are routed to.
 - :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
 - :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
