@@ -96,8 +96,8 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "router_affinity": pikv_presses.RouterAffinityPress,
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
     # the routing-novelty feature on PiKVPress's composition: AdaKV's head-wise budgets over novelty x ExpectedAttention
-    "routing_novelty_expected_attention": lambda: kp.AdaKVPress(
-        pikv_presses.RoutingNoveltyPress(press=kp.ExpectedAttentionPress(epsilon=1e-2))),
+    "routing_novelty_expected_attention": lambda: pikv_press.MoEAware(kp.AdaKVPress(
+        pikv_presses.RoutingNoveltyPress(press=kp.ExpectedAttentionPress(epsilon=1e-2)))),
 }
 
 PRESS_REGISTRY: dict[str, Callable[[], BasePress | None]] = {**KVPRESS_REGISTRY, **PIKV_REGISTRY,

@@ -44,7 +44,8 @@ DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multik
 
 def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks: list[str]) -> Path:
     """The dataset file of one chunk (written once from the offline RULER cache)."""
-    tag = f"{len(tasks)}tasks{sum(map(len, tasks))}"  # a different task list never reuses a chunk
+    # a different task list never reuses a chunk (one task: its name; several: their count and total name length)
+    tag = f"task-{tasks[0]}" if len(tasks) == 1 else f"{len(tasks)}tasks{sum(map(len, tasks))}"
     path = output_dir / "data" / f"ruler{length}_{tag}_size{chunk_size}_chunk{chunk:03d}.jsonl"
     if not path.exists():
         df = ruler.load_samples(str(length), tasks=tasks, samples_per_task=(chunk + 1) * chunk_size)

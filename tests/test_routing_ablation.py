@@ -73,3 +73,20 @@ def test_report_of_generated_runs_has_no_nll_and_a_base_of_choice(tmp_path):
     # tova (0 + 50) / 2 = 25 against pikv (50 + 50) / 2 = 50
     assert table["tova"][4].startswith("-25.0") and table["tova"][5] == "pikv" and table["tova"][6] == ""
     assert table["pikv"][5] == ""
+
+
+def test_chunk_files_of_single_tasks_never_collide(tmp_path, monkeypatch):
+    """Tasks whose names have the same length (niah_single_1/2/3) get their own chunk files."""
+    import evaluation.routing_ablation as module
+
+    loaded = []
+
+    def fake_load(length, tasks, samples_per_task):
+        loaded.append(tasks[0])
+        names = list(tasks) * samples_per_task
+        return pd.DataFrame({"task": names, "context": ["c"] * len(names)})
+
+    monkeypatch.setattr(module.ruler, "load_samples", fake_load)
+    paths = {ra.chunk_file(tmp_path, 4096, 0, 1, [task]) for task in ("niah_single_1", "niah_single_2", "qa_1")}
+    assert len(paths) == 3 and loaded == ["niah_single_1", "niah_single_2", "qa_1"]
+    assert ra.chunk_file(tmp_path, 1024, 0, 1, ["a", "b"]).name == "ruler1024_2tasks2_size1_chunk000.jsonl"
