@@ -208,3 +208,27 @@ def test_cache_names():
         cache = make_cache(name, model.config)
         _decode(model, cache, _ids(10), steps=0)
         assert cache.ranks == [rank] * model.config.num_hidden_layers
+
+
+def test_headwise_evictions_reach_the_reduced_attention():
+    """PiKVPress's head-wise masks: the reduced-space attention applies them (kvpress's patch never reaches it), so at
+    full rank it decodes as SDPA over the same masked cache, and not as the unmasked cache."""
+    from pikv_press import PiKVPress
+    from pikv_press.attention.lowrank import register_lowrank_attention
+    from pikv_press.testing import build_model
+
+    ids = _ids(40)
+    logits = {}
+    for name, attention, press in (("reduced", register_lowrank_attention(), PiKVPress(0.5)),
+                                   ("sdpa", "sdpa", PiKVPress(0.5)), ("unmasked", "sdpa", None)):
+        model = build_model("qwen3_moe", attn_implementation=attention)
+        cache = LowRankKeyCache(rank=16, reduced_attention=name == "reduced", config=model.config)
+        with torch.no_grad():
+            if press is not None:
+                with press(model):
+                    model.model(input_ids=ids[:, :32], past_key_values=cache)
+            else:
+                model.model(input_ids=ids[:, :32], past_key_values=cache)
+            logits[name] = model(ids[:, 32:], past_key_values=cache).logits
+    assert (logits["reduced"] - logits["sdpa"]).abs().max() < FP32_LOGIT_TOLERANCE
+    assert (logits["reduced"] - logits["unmasked"]).abs().max() > 100 * FP32_LOGIT_TOLERANCE
