@@ -28,22 +28,25 @@ class PiKVPress(_MoEAwareBase, AdaKVPress):
     falls by the ratio). For a press that shrinks a ``DynamicCache`` or a packed cache in place, use
     ``MoEAware(TOVAPress(r))`` (what this press was before the second ablation) or another uniform-budget press.
 
-    **Why this press.** The second ablation (``measurements/routing_ablation/ablation.md``, command in the README:
-    RULER-1k on the embedded model ``smollm2-moe-ed1da41ac4``, teacher-forced, the six tasks the full cache can
-    solve, 6 samples per task when this was chosen, full cache 54.9) paired each press with TOVA at four ratios:
-    ExpectedAttention + AdaKV 45.8 / 46.5 / 26.4 / 2.8 at 0.25 / 0.5 / 0.75 / 0.875, against TOVA 52.1 / 33.3 / 13.9
-    / 2.8: +13.2 [+4.2, +22.9] at 0.5 and +12.5 [+0.7, +24.3] at 0.75, -6.2 [-14.6, 0.0] at 0.25. It also led TOVA
-    in ``make demo`` (RULER-1k, 32 samples at 0.5: 53.1 vs 43.8) and on the needle grid (``python -m
-    evaluation.needle_heatmap``, 0.5: 4/15 vs 1/15). It is not the best press everywhere: StreamingLLM leads at 0.875
-    (16.0, +13.2 [+4.2, +22.9] over TOVA) and on the needle grid (9/15 at 0.5), and without AdaKV's head-wise budgets
-    ExpectedAttention collapses (5.6 at 0.5): the head-wise budget is what works. Its replay costs about 25% of the
-    prefill on a CPU (TOVA: 3%), above the 5% goal.
+    **Why this press.** The four-ratio ablation (``measurements/routing_ablation/ablation.md``, command in the
+    README: RULER-1k on the embedded model ``smollm2-moe-ed1da41ac4``, teacher-forced, the six tasks the full cache
+    can solve, 20 samples per task, full cache 51.7) pairs each press with TOVA: ExpectedAttention + AdaKV scores
+    43.8 / 40.2 / 22.1 / 2.5 at 0.25 / 0.5 / 0.75 / 0.875 against TOVA's 49.4 / 31.7 / 9.2 / 0.8 (+8.5 [+1.5,
+    +15.4] at 0.5, +12.9 [+5.8, +19.8] at 0.75, -5.6 [-11.0, -0.8] at 0.25). It also led TOVA at 0.5 in ``make
+    demo`` (RULER-1k, 32 samples: 53.1 vs 43.8), on the sparse-routing variant (45 samples: 60.0 vs 46.7) and on
+    the needle grid (``python -m evaluation.needle_heatmap``: 4/15 vs 1/15). It is **not the best press
+    everywhere**: StreamingLLM leads at 0.875 (14.6, +13.8 [+8.3, +19.4] over TOVA; 22.7 at 0.75) and on the
+    needle grid (9/15 at 0.5); at 0.75 this press collapses on the sparse-routing variant (2.2 against
+    StreamingLLM's 31.1) and on the needle grid (0/15); on the first 20 RULER-4k contexts TOVA is ahead at 0.5 and
+    0.75 (too few samples to conclude). Without AdaKV's head-wise budgets ExpectedAttention collapses (6.0 at 0.5):
+    the head-wise budget is what works. Its replay costs about 24% of the prefill on a CPU at 1k tokens and 10% at
+    4k (TOVA: 2-3%), above the 5% goal.
 
     **Routing.** Every routing feature was measured on top of a base scorer (the README's "Routing-aware presses"):
-    expert-balanced budgets -11.1 [-19.4, -2.8] on TOVA at 0.5, novelty and routing-driven layer budgets within
-    noise at every ratio, router affinity -33.3 in the first ablation; routing predicted from the attention input
-    was no worse than the layer's own. On the sparse-routing variant (8 of 64 experts) expert-balanced TOVA was
-    +17.8 [+4.4, +31.1] at 0.75 on 45 samples, almost all on one task: a hint, not a result.
+    none is a reliable gain on the default model (novelty on TOVA +2.1 to +5.8 at the four ratios, but on this
+    press's composition -10.0 at 0.5 and -18.5 at 0.75; expert-balanced TOVA -13.1 at 0.5, +7.5 at 0.75); on the
+    sparse-routing variant (8 of 64 experts) expert-balanced TOVA was +17.8 [+4.4, +31.1] at 0.75 on 45 samples,
+    almost all on one task: a hint, not a result.
 
     Parameters
     ----------
