@@ -256,8 +256,9 @@ class ExpertShardedLayer(CacheLayerMixin, KVLayerAccess):
     # -- keys / values as attributes (kvpress reads and assigns ``layer.keys`` and ``layer.values``) ---------------
     @property
     def keys(self) -> torch.Tensor | None:
-        """All keys ``(1, kv_heads, seq, key_dim)`` in insertion order (a copy; ``ValueError`` when the kv heads hold
-        different numbers of tokens). Assigning a prefix of it crops the layer (kvpress's pipeline trims answers so);
+        """All keys ``(1, kv_heads, seq, key_dim)`` in insertion order (a copy; when the kv heads hold different
+        numbers of tokens, a view on which only ``[:, :, :n]`` works and anything else raises ``ValueError``).
+        Assigning a prefix of it crops the layer (kvpress's pipeline trims answers so);
         assigning other rows, then ``values``, keeps those rows (what a kvpress press does after scoring)."""
         if not self.is_initialized:
             return None
