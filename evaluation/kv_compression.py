@@ -9,10 +9,10 @@ replayed on that record into its own cache and scored, in the same loop, so that
 machine conditions. A setting is ``<cache>`` or ``<cache>+<press>@<ratio>`` (cache names of
 :func:`pikv_press.make_cache`, press names of :mod:`evaluation.registry`), by default:
 
-* ``dynamic`` (the full cache), ``dynamic+tova@0.5`` (PiKVPress removing half the tokens, full precision: the
+* ``dynamic`` (the full cache), ``dynamic+tova@0.5`` (MoE-correct TOVA removing half the tokens, full precision: the
   eviction's own loss, to tell it from the quantization's), ``packed-int8`` / ``packed-int4`` / ``packed-int2``
   (pikv-press's KIVI-style packed cache: groups of 32, 32 full-precision recent tokens), ``packed-int4+tova@0.5``
-  (int4 after PiKVPress removed half the tokens), ``lowrank-k50`` / ``lowrank-k25`` (keys on their top singular
+  (int4 after TOVA removed half the tokens), ``lowrank-k50`` / ``lowrank-k25`` (keys on their top singular
   directions, 50% / 25% of their width), ``quantized-int4`` / ``quantized-hqq-int4`` (transformers'
   ``QuantizedCache``, quanto and HQQ backends), ``packed-int4-g64r0+tova@0.5``: the same eviction on the leanest
   int4 layout a 64-wide head allows (groups of 64, no full-precision window; a cache name this module registers), for

@@ -11,10 +11,10 @@ from pikv_press.presses.base import check_batch_size_one, check_ratio
 
 class PiKVPress(_MoEAwareBase, AdaKVPress):
     """The default press: ExpectedAttention scores (kvpress's ``ExpectedAttentionPress``: the attention that future
-    queries, modelled as a Gaussian fitted to the context's recent queries and rotated to future positions, are
-    expected to pay each key, times the value's norm; the first 4 tokens kept) under AdaKV's head-wise budgets
-    (arXiv 2407.11550: the tokens to drop are chosen across all kv heads of a layer at once, each head keeping at
-    least 20% of its share), made MoE-correct (:mod:`pikv_press.compat`). **No routing feature is part of it:
+    queries, modelled as a Gaussian fitted to the context's queries (all but the first 4) and rotated to future
+    positions, are expected to pay each key, times the value's norm; the first 4 tokens kept) under AdaKV's head-wise
+    budgets (arXiv 2407.11550: the tokens to drop are chosen across all kv heads of a layer at once, each head keeping
+    at least 20% of its share), made MoE-correct (:mod:`pikv_press.compat`). **No routing feature is part of it:
     routing did not help** in the ablations below. ``PiKVPress(r)`` keeps exactly what
     ``MoEAware(AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)))`` keeps (``"expected_attention"`` in
     :mod:`evaluation.registry`), with argument checks.
