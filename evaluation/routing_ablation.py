@@ -109,10 +109,13 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
     full = scores[("no_press", 0.0)]
     tasks = full["task"].astype(str).to_numpy()
     n_tasks = len(set(tasks))
+    per_task = pd.Series(tasks).value_counts()
+    per_task_text = (f"{per_task.min()}" if per_task.min() == per_task.max()
+                     else f"{per_task.min()}-{per_task.max()}") if len(per_task) else "0"
     how = ("teacher-forced (greedy writes the gold answer exactly)" if scoring == "teacher_forced" else
            "generated (greedy answers, RULER's string match)")
     lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, {how}, {len(full)} samples "
-             f"({n_tasks} tasks, {len(full) // max(n_tasks, 1)} per task), 95% bootstrap intervals "
+             f"({n_tasks} tasks, {per_task_text} per task), 95% bootstrap intervals "
              "(paired where a difference is shown).", "",
              "| press | ratio | score [95% CI] | vs full cache [paired] | vs reference, same ratio [paired] | "
              "reference | gold NLL | NLL vs reference [paired] | replay time / prefill time |",

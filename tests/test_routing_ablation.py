@@ -25,10 +25,11 @@ def test_reference_press_switches_one_thing_off():
     assert ra.reference_press("expert_balanced_tova_predicted", ["expert_balanced_tova_predicted", "tova"]) is None
 
 
-def _write_run(runs: Path, chunk: Path, press: str, ratio: float, scores: list[float], nll: list[float]) -> None:
+def _write_run(runs: Path, chunk: Path, press: str, ratio: float, scores: list[float], nll: list[float],
+               tasks: tuple[str, ...] = ("a", "a", "b", "b")) -> None:
     folder = ra._run_dir(runs, chunk, press, ratio, EMBEDDED)
     folder.mkdir(parents=True)
-    pd.DataFrame({"question": [f"q{i}" for i in range(len(scores))], "task": ["a", "a", "b", "b"],
+    pd.DataFrame({"question": [f"q{i}" for i in range(len(scores))], "task": list(tasks),
                   "score": scores, "nll": nll, "press_seconds": 1.0, "prefill_seconds": 10.0,
                   "predicted_answer": ""}).to_csv(folder / "predictions.csv", index=False)
     (folder / "metrics.json").write_text("{}")
@@ -52,6 +53,16 @@ def test_report_pairs_each_row_with_its_reference(tmp_path):
     assert table["tova"][5] == "" and table["tova"][4] == ""
     assert eb[3].startswith("+0.0")  # against the full cache
     assert "10.0%" in eb[-1]  # replay / prefill
+    assert "4 samples (2 tasks, 2 per task)" in text
+
+
+def test_report_says_the_range_of_samples_per_task_when_uneven(tmp_path):
+    chunk = tmp_path / "data" / "ruler4096_task-a_size1_chunk000.jsonl"
+    tasks = ("a", "a", "a", "b")
+    for press, ratio in (("no_press", 0.0), ("tova", 0.5)):
+        _write_run(tmp_path / "runs", chunk, press, ratio, [100, 0, 0, 100], [1.0] * 4, tasks)
+    text = ra.report(tmp_path, [chunk], ["no_press", "tova"], [0.5])
+    assert "4 samples (2 tasks, 1-3 per task)" in text
 
 
 def test_report_of_generated_runs_has_no_nll_and_a_base_of_choice(tmp_path):
