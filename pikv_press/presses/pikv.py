@@ -37,9 +37,9 @@ class PiKVPress(_MoEAwareBase, AdaKVPress):
     the needle grid (``python -m evaluation.needle_heatmap``: 4/15 vs 1/15). It is **not the best press
     everywhere**: StreamingLLM leads at 0.875 (14.6, +13.8 [+8.3, +19.4] over TOVA; 22.7 at 0.75) and on the
     needle grid (9/15 at 0.5); at 0.75 this press collapses on the sparse-routing variant (2.2 against
-    StreamingLLM's 31.1) and on the needle grid (0/15); on the RULER-4k headline (119 contexts, all 13 tasks, full
-    cache 20.6) it scores 19.7 / 11.0 / 2.5 at 0.25 / 0.5 / 0.75 and TOVA beats it at 0.5 (+7.2 [+2.3, +12.1]) and
-    0.75 (+9.1 [+5.3, +13.1]): the choice was made at 1k and does not hold at 4k on this model. Without AdaKV's
+    StreamingLLM's 31.1) and on the needle grid (0/15); on the RULER-4k headline (129 contexts, all 13 tasks, full
+    cache 20.3) it scores 19.5 / 10.8 / 2.3 at 0.25 / 0.5 / 0.75 and TOVA beats it at 0.5 (+7.8 [+3.1, +12.5]) and
+    0.75 (+8.8 [+5.0, +12.7]): the choice was made at 1k and does not hold at 4k on this model. Without AdaKV's
     head-wise budgets ExpectedAttention collapses (6.0 at 0.5): the head-wise budget is what works. Its replay costs
     about 24% of the prefill on a CPU at 1k tokens and 10% at 4k (TOVA: 2-3%), above the 5% goal.
 
