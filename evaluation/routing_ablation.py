@@ -108,10 +108,10 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
         scores[(press, ratio)] = pooled if tasks is None else pooled[pooled["task"].isin(tasks)].reset_index(drop=True)
     full = scores[("no_press", 0.0)]
     tasks = full["task"].astype(str).to_numpy()
-    n_tasks = len(set(tasks))
     per_task = pd.Series(tasks).value_counts()
-    per_task_text = (f"{per_task.min()}" if per_task.min() == per_task.max()
-                     else f"{per_task.min()}-{per_task.max()}") if len(per_task) else "0"
+    n_tasks = len(per_task)
+    fewest, most = (per_task.min(), per_task.max()) if n_tasks else (0, 0)
+    per_task_text = f"{fewest}" if fewest == most else f"{fewest}-{most}"
     how = ("teacher-forced (greedy writes the gold answer exactly)" if scoring == "teacher_forced" else
            "generated (greedy answers, RULER's string match)")
     lines = [f"RULER-{_length(complete[0])}, embedded model `{model_tag(model)}`, {how}, {len(full)} samples "
