@@ -84,8 +84,11 @@ def reference_press(press: str, presses: list[str]) -> str | None:
 
 def _run_dir(runs_dir: Path, path: Path, press: str, ratio: float, model: str = EMBEDDED,
              scoring: str = "teacher_forced") -> Path:
-    ratio = 0.0 if press == "no_press" else ratio
-    return runs_dir / f"ruler__{path.stem}__{model_tag(model)}__{press}__{ratio:.2f}__{scoring}"
+    """The folder :mod:`evaluation.evaluate` files the run under (its own naming: a generated run has no scoring
+    suffix)."""
+    config = evaluate.RunConfig(dataset="ruler", data_dir=str(path), model=model, press_name=press,
+                                compression_ratio=0.0 if press == "no_press" else ratio, scoring=scoring)
+    return config.results_dir(runs_dir)
 
 
 def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list[float],

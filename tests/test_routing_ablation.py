@@ -101,3 +101,23 @@ def test_chunk_files_of_single_tasks_never_collide(tmp_path, monkeypatch):
     paths = {ra.chunk_file(tmp_path, 4096, 0, 1, [task]) for task in ("niah_single_1", "niah_single_2", "qa_1")}
     assert len(paths) == 3 and loaded == ["niah_single_1", "niah_single_2", "qa_1"]
     assert ra.chunk_file(tmp_path, 1024, 0, 1, ["a", "b"]).name == "ruler1024_2tasks2_size1_chunk000.jsonl"
+
+
+def test_report_finds_the_runs_that_evaluate_writes_for_either_scoring(tmp_path):
+    """The report reads the folders evaluate.py names (a generated run has no scoring suffix, a teacher-forced one
+    has): a real sweep on a tiny model, then the report of each scoring."""
+    from pikv_press.testing import TRAINING_TEXT, build_model, build_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    build_model("qwen3_moe").save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    chunk = tmp_path / "data" / "ruler64_task-niah_single_1_size1_chunk000.jsonl"
+    chunk.parent.mkdir()
+    pd.DataFrame([{"context": " ".join(TRAINING_TEXT[:4]) + " The number is 7481.", "question": " The number?",
+                   "answer_prefix": " Answer:", "answer": ["7481"], "task": "niah_single_1",
+                   "max_new_tokens": 3}]).to_json(chunk, orient="records", lines=True)
+    for scoring in ("generate", "teacher_forced"):
+        assert ra.run_chunk(chunk, ["no_press", "knorm"], "0.5", tmp_path / "runs", 1, str(model_dir), scoring) == 0
+        text = ra.report(tmp_path, [chunk], ["no_press", "knorm"], [0.5], model=str(model_dir), scoring=scoring)
+        assert "1 samples (1 tasks, 1 per task)" in text, (scoring, text)
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 4
