@@ -26,6 +26,7 @@ import pandas as pd
 
 from evaluation import cli, evaluate
 from evaluation.benchmarks import ruler
+from evaluation.data.ruler import RulerGenerationError
 from evaluation.models import EMBEDDED, model_tag
 from evaluation.stats import bootstrap_interval, paired_difference, task_mean
 
@@ -42,11 +43,16 @@ DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multik
                  "niah_multikey_3", "niah_multivalue", "niah_multiquery", "qa_1")
 
 
-def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks: list[str]) -> Path:
-    """The dataset file of one chunk (written once from the offline RULER cache)."""
+def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks: list[str],
+               create: bool = True) -> Path | None:
+    """The dataset file of one chunk (written once from the offline RULER cache; ``create=False``: ``None`` when it
+    was never written). Raises :class:`~evaluation.data.ruler.RulerGenerationError` when RULER cannot make that many
+    samples of a task at this length (``qa_2`` at 2k tokens has 6)."""
     # a different task list never reuses a chunk (one task: its name; several: their count and total name length)
     tag = f"task-{tasks[0]}" if len(tasks) == 1 else f"{len(tasks)}tasks{sum(map(len, tasks))}"
     path = output_dir / "data" / f"ruler{length}_{tag}_size{chunk_size}_chunk{chunk:03d}.jsonl"
+    if not path.exists() and not create:
+        return None
     if not path.exists():
         df = ruler.load_samples(str(length), tasks=tasks, samples_per_task=(chunk + 1) * chunk_size)
         part = df.groupby("task", sort=False).nth(list(range(chunk * chunk_size, (chunk + 1) * chunk_size)))
@@ -198,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     name = "ablation.md" if args.scoring == "teacher_forced" else "ablation_generated.md"
     for chunk in range(args.first_chunk, args.chunks):
         for part in ([[t] for t in tasks] if args.split_tasks else [tasks]):
-            path = chunk_file(output_dir, args.length, chunk, args.chunk_size, part)
+            try:  # the report pools the chunk files that exist; it never generates data
+                path = chunk_file(output_dir, args.length, chunk, args.chunk_size, part, create=not args.report_only)
+            except RulerGenerationError as exc:
+                if not args.split_tasks:
+                    raise SystemExit(f"{exc}: leave that task out of --tasks, or use --split_tasks to run the "
+                                     "samples each task has.") from exc
+                print(f"skipped: {exc} (chunk {chunk}; the report has fewer samples of {part[0]})")
+                continue
+            if path is None:
+                continue
             files.append(path)
             if not args.report_only:
                 status = run_chunk(path, presses, args.ratios, output_dir / "runs", args.threads, args.model,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from evaluation import routing_ablation as ra
 from evaluation.models import EMBEDDED
@@ -121,3 +122,32 @@ def test_report_finds_the_runs_that_evaluate_writes_for_either_scoring(tmp_path)
         text = ra.report(tmp_path, [chunk], ["no_press", "knorm"], [0.5], model=str(model_dir), scoring=scoring)
         assert "1 samples (1 tasks, 1 per task)" in text, (scoring, text)
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 4
+
+
+def test_tasks_short_of_samples_are_skipped_per_task_and_the_report_generates_no_data(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """RULER cannot make every sample of every task at every length (qa_2 has 6 at 2k): with --split_tasks that
+    task's chunk is skipped with a message and the others run; without it, a clear exit. --report_only never
+    generates a chunk file."""
+    import evaluation.routing_ablation as module
+    from evaluation.data.ruler import RulerGenerationError
+
+    def fake_load(length, tasks, samples_per_task):
+        if "short" in tasks and samples_per_task > 1:
+            raise RulerGenerationError("RULER short/2048: cannot be generated")
+        names = list(tasks) * samples_per_task
+        return pd.DataFrame({"task": names, "context": ["c"] * len(names)})
+
+    ran = []
+    monkeypatch.setattr(module.ruler, "load_samples", fake_load)
+    monkeypatch.setattr(module, "run_chunk", lambda path, *a, **k: ran.append(path.name) or 0)
+    monkeypatch.setattr(module, "report", lambda *a, **k: "table")
+    args = ["--length", "2048", "--chunks", "2", "--tasks", "long,short", "--output_dir", str(tmp_path)]
+    assert module.main([*args, "--split_tasks"]) == 0
+    assert ran == ["ruler2048_task-long_size1_chunk000.jsonl", "ruler2048_task-short_size1_chunk000.jsonl",
+                   "ruler2048_task-long_size1_chunk001.jsonl"]
+    assert "skipped: RULER short/2048" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--split_tasks"):
+        module.main([*args, "--chunks", "2", "--first_chunk", "1"])
+    monkeypatch.setattr(module.ruler, "load_samples", lambda *a, **k: pytest.fail("the report generated data"))
+    assert module.main([*args, "--split_tasks", "--chunks", "3", "--report_only"]) == 0
