@@ -95,7 +95,8 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "expert_balanced_streaming_llm": lambda: pikv_presses.ExpertBalancedPress(press=kp.StreamingLLMPress()),
     "router_affinity": pikv_presses.RouterAffinityPress,
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
-    # the routing-novelty feature on PiKVPress's composition: AdaKV's head-wise budgets over novelty x ExpectedAttention
+    # the routing-novelty feature on AdaKVExpectedAttentionPress's composition: AdaKV's head-wise budgets over
+    # novelty x ExpectedAttention
     "routing_novelty_expected_attention": lambda: pikv_press.MoEAware(kp.AdaKVPress(
         pikv_presses.RoutingNoveltyPress(press=kp.ExpectedAttentionPress(epsilon=1e-2)))),
 }

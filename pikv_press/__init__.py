@@ -23,8 +23,9 @@ Public API
 - :mod:`pikv_press.scheduling`: decode-time policies (H2O, StreamingLLM, Quest-style pages, LRU, LFU, expert-aware) and
   bounded-memory chunked prefill (:func:`pikv_press.scheduling.chunked_prefill`).
 - :mod:`pikv_press.kernels`: Triton kernels beside their torch references (``PIKV_KERNELS=auto|torch|triton``).
-- :class:`PiKVPress` (ExpectedAttention under AdaKV's head-wise budgets, made MoE-correct: routing did not help in
-  the ablations) and the experimental
+- :class:`PiKVPress` (TOVA made MoE-correct, the best press on the RULER-4k headline: routing did not help in the
+  ablations), :class:`AdaKVExpectedAttentionPress` (ExpectedAttention under AdaKV's head-wise budgets with exact
+  masks: better at 1k tokens) and the experimental
   routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
   :class:`RoutingLayerBudgetPress`.
 - :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).
@@ -58,6 +59,7 @@ from pikv_press.moe import (
     use_dense_masked_experts,
 )
 from pikv_press.presses import (
+    AdaKVExpectedAttentionPress,
     ExpertBalancedPress,
     PiKVPress,
     RouterAffinityPress,
@@ -68,6 +70,7 @@ from pikv_press.presses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaKVExpectedAttentionPress",
     "ExpertBalancedPress",
     "ExpertShardedCache",
     "KVLayerAccess",

@@ -1,5 +1,5 @@
-"""Exact head-wise masking (:mod:`pikv_press.attention.headwise`): what PiKVPress's head-wise budgets use in a
-DynamicCache instead of kvpress's fake-key search."""
+"""Exact head-wise masking (:mod:`pikv_press.attention.headwise`): what AdaKVExpectedAttentionPress's head-wise
+budgets use in a DynamicCache instead of kvpress's fake-key search."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kvpress import AdaKVPress, ExpectedAttentionPress
 from transformers import DynamicCache, pipeline
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pikv_press import MoEAware, PiKVPress
+from pikv_press import AdaKVExpectedAttentionPress, MoEAware
 from pikv_press.attention.headwise import EXACT_MASK_TAG, headwise_mask
 from pikv_press.testing import VOCAB, build_model, build_tokenizer
 
@@ -51,8 +51,8 @@ def test_mask_removes_exactly_the_masked_head_token_pairs(mask_kind):
 
 def test_pikv_answers_where_kvpress_fake_key_search_fails():
     """On a tiny random MoE the queries of a multi-token question point everywhere: kvpress's fake-key search for
-    AdaKV raises; PiKVPress masks exactly and answers, and its answer is the one that decoding over the masked cache
-    one token at a time gives."""
+    AdaKV raises; AdaKVExpectedAttentionPress masks exactly and answers, and its answer is the one that decoding over
+    the masked cache one token at a time gives."""
     model, tokenizer = build_model("glm4_moe"), build_tokenizer()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     context = " ".join(f"word{i % 37} value{i % 11}" for i in range(120))
@@ -63,7 +63,8 @@ def test_pikv_answers_where_kvpress_fake_key_search_fails():
     for layer in model.model.layers:
         layer.self_attn.masked_key_indices = None
     cache = DynamicCache()
-    answer = pipe(context, question=question, max_new_tokens=4, press=PiKVPress(0.5), cache=cache)["answer"]
+    answer = pipe(context, question=question, max_new_tokens=4, press=AdaKVExpectedAttentionPress(0.5),
+                  cache=cache)["answer"]
     assert isinstance(answer, str) and answer
     assert all(getattr(layer.self_attn, EXACT_MASK_TAG, False) for layer in model.model.layers)
     for layer in model.model.layers:
@@ -78,7 +79,7 @@ def test_masked_dense_decoding_equals_per_token_decoding_with_the_same_masks():
     for step in ("multi", "single"):
         cache = DynamicCache()
         with torch.no_grad():
-            with PiKVPress(0.5)(model):
+            with AdaKVExpectedAttentionPress(0.5)(model):
                 model.model(input_ids=ids[:, :40], past_key_values=cache)
             assert all(layer.self_attn.masked_key_indices is not None for layer in model.model.layers)
             if step == "multi":
@@ -95,7 +96,7 @@ def test_exact_mask_gives_kvpress_fake_key_logits_where_the_search_succeeds():
     """One decoding token at a time (kvpress's fake-key search succeeds there on this model): the same logits."""
     ids = torch.randint(5, VOCAB, (1, 44), generator=torch.Generator().manual_seed(2))
     logits = []
-    for press in (MoEAware(AdaKVPress(ExpectedAttentionPress(0.5, epsilon=1e-2))), PiKVPress(0.5)):
+    for press in (MoEAware(AdaKVPress(ExpectedAttentionPress(0.5, epsilon=1e-2))), AdaKVExpectedAttentionPress(0.5)):
         model = build_model("qwen3_moe")  # a fresh model: no module marked for exact masking
         cache = DynamicCache()
         with torch.no_grad():
@@ -103,5 +104,6 @@ def test_exact_mask_gives_kvpress_fake_key_logits_where_the_search_succeeds():
                 model.model(input_ids=ids[:, :40], past_key_values=cache)
             logits.append(torch.cat([model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(40, 44)],
                                     dim=1))
-        assert getattr(model.model.layers[0].self_attn, EXACT_MASK_TAG, False) == isinstance(press, PiKVPress)
+        marked = getattr(model.model.layers[0].self_attn, EXACT_MASK_TAG, False)
+        assert marked == isinstance(press, AdaKVExpectedAttentionPress)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)

@@ -211,16 +211,16 @@ def test_cache_names():
 
 
 def test_headwise_evictions_reach_the_reduced_attention():
-    """PiKVPress's head-wise masks: the reduced-space attention applies them (kvpress's patch never reaches it), so at
-    full rank it decodes as SDPA over the same masked cache, and not as the unmasked cache."""
-    from pikv_press import PiKVPress
+    """AdaKVExpectedAttentionPress's head-wise masks: the reduced-space attention applies them (kvpress's patch never
+    reaches it), so at full rank it decodes as SDPA over the same masked cache, and not as the unmasked cache."""
+    from pikv_press import AdaKVExpectedAttentionPress
     from pikv_press.attention.lowrank import register_lowrank_attention
     from pikv_press.testing import build_model
 
     ids = _ids(40)
     logits = {}
-    for name, attention, press in (("reduced", register_lowrank_attention(), PiKVPress(0.5)),
-                                   ("sdpa", "sdpa", PiKVPress(0.5)), ("unmasked", "sdpa", None)):
+    for name, attention, press in (("reduced", register_lowrank_attention(), AdaKVExpectedAttentionPress(0.5)),
+                                   ("sdpa", "sdpa", AdaKVExpectedAttentionPress(0.5)), ("unmasked", "sdpa", None)):
         model = build_model("qwen3_moe", attn_implementation=attention)
         cache = LowRankKeyCache(rank=16, reduced_attention=name == "reduced", config=model.config)
         with torch.no_grad():

@@ -21,6 +21,7 @@ from transformers import DynamicCache, pipeline
 from pikv_press import MoEAware, get_anatomy
 from pikv_press.prefill import PrefillRecorder, can_replay
 from pikv_press.presses import (
+    AdaKVExpectedAttentionPress,
     ExpertBalancedPress,
     PiKVPress,
     RouterAffinityPress,
@@ -51,6 +52,7 @@ ROUTING_PRESSES = {
                                                                experts_per_token=2),
     "expert_balanced_predicted": lambda: ExpertBalancedPress(0.5, press=KnormPress(), routing="predicted"),
     "pikv": lambda: PiKVPress(0.75),
+    "adakv_expected_attention": lambda: AdaKVExpectedAttentionPress(0.75),
     "router_affinity": lambda: RouterAffinityPress(0.6, window_size=8),
     "router_affinity_knorm": lambda: RouterAffinityPress(0.5, press=KnormPress(), weight=1.0),
     "routing_novelty_tova": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
@@ -112,11 +114,11 @@ def test_replay_equals_plain_path(family, press_name):
 def test_routing_press_replay_equals_plain_path(family, press_name):
     """Routing presses run after the MoE block live, on the recorded routing in replay: the same caches."""
     model = get_model(family)
-    if family == "gpt_oss" and press_name in ("adakv", "pikv"):
+    if family == "gpt_oss" and press_name in ("adakv", "adakv_expected_attention"):
         pytest.skip("AdaKV cannot run on GPT-OSS (eager only)")
     plain, recorder = _assert_replay_equals_plain_path(model, ROUTING_PRESSES[press_name])
     assert sorted(recorder.snapshot.routing) == list(get_anatomy(model).moe_layers)
-    if press_name not in ("adakv", "pikv"):  # AdaKV's head-wise budgets mask keys instead of dropping them
+    if press_name not in ("adakv", "adakv_expected_attention"):  # head-wise budgets mask keys, dropping none
         assert min(layer.keys.shape[2] for layer in plain.layers) < _ids().shape[1]
 
 

@@ -15,6 +15,7 @@ from kvpress.utils import compute_n_kept
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from pikv_press.presses import (
+    AdaKVExpectedAttentionPress,
     ExpertBalancedPress,
     PiKVPress,
     RouterAffinityPress,
@@ -30,6 +31,7 @@ PRESSES = {
     "routing_novelty": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
     "layer_budget": lambda: RoutingLayerBudgetPress(0.5, press=TOVAPress()),
     "pikv": lambda: PiKVPress(0.5),
+    "adakv_expected_attention": lambda: AdaKVExpectedAttentionPress(0.5),
 }
 SEQ = 40
 
@@ -39,7 +41,7 @@ def _ids() -> torch.Tensor:
 
 
 def _compress(model, press) -> DynamicCache:
-    """The cache after a prefill under ``press``; head-wise masks (PiKVPress's AdaKV budgets) kept on
+    """The cache after a prefill under ``press``; head-wise masks (AdaKVExpectedAttentionPress's budgets) kept on
     ``cache.masks`` and cleared from the model."""
     cache = DynamicCache()
     with torch.no_grad(), press(model):

@@ -16,7 +16,13 @@ from pikv_press import MoEAware, get_anatomy
 from pikv_press.compat import ROUTING_KWARG, routing_source_layer
 from pikv_press.moe import RoutingRecorder
 from pikv_press.prefill import PrefillRecorder
-from pikv_press.presses import ExpertBalancedPress, PiKVPress, RouterAffinityPress, RoutingNoveltyPress
+from pikv_press.presses import (
+    AdaKVExpectedAttentionPress,
+    ExpertBalancedPress,
+    PiKVPress,
+    RouterAffinityPress,
+    RoutingNoveltyPress,
+)
 from pikv_press.presses.base import combine, lexicographic_scores, membership, quantiles
 from pikv_press.presses.expert_balanced import expert_budgets
 from pikv_press.testing import VOCAB, build_model
@@ -123,12 +129,43 @@ def test_expert_balanced_differs_from_its_base_and_power_one_top_k_still_exact()
 
 
 def test_pikv_press_is_its_documented_composition():
-    """PiKVPress is MoE-correct AdaKV(ExpectedAttention) (the ablation's choice): the same caches and the same
-    head-wise masks as MoEAware(AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)))."""
+    """PiKVPress is MoE-correct TOVA (the RULER-4k headline's choice): the same caches as MoEAware(TOVAPress), every
+    layer physically cut to the kept tokens (no masks), with argument checks and no hooks left behind."""
+    model = get_model("qwen3_moe")  # a QK-norm family, where plain kvpress would score with the wrong queries
+    ids = _ids(48)
+    caches = []
+    for press in (PiKVPress(0.75), MoEAware(TOVAPress(0.75))):
+        cache = DynamicCache()
+        with torch.no_grad(), press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        caches.append(cache)
+        assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in model.model.layers)
+    for a, b in zip(*(c.layers for c in caches), strict=True):
+        assert a.keys.shape[2] == compute_n_kept(48, 0.75)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    plain = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=plain)
+    assert not torch.equal(plain.layers[0].keys[:, :, -compute_n_kept(48, 0.75):], caches[0].layers[0].keys)
+    press = PiKVPress(0.5)
+    press.compression_ratio = 0.25
+    assert press.compression_ratio == 0.25
+    with pytest.raises(ValueError, match="compression_ratio"):
+        PiKVPress(1.5)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        press.compression_ratio = -0.1
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), PiKVPress(0.5)(model):
+        model.model(input_ids=torch.cat([ids, ids]), past_key_values=DynamicCache())
+    assert not _press_hooks(model)
+
+
+def test_adakv_expected_attention_press_is_its_documented_composition():
+    """AdaKVExpectedAttentionPress is MoE-correct AdaKV(ExpectedAttention) (the default before the 4k headline): the
+    same caches and the same head-wise masks as MoEAware(AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)))."""
     model = get_model("qwen3_moe")  # a QK-norm family, where plain kvpress would score with the wrong queries
     ids = _ids(48)
     caches, masks = [], []
-    for press in (PiKVPress(0.75), MoEAware(AdaKVPress(ExpectedAttentionPress(0.75, epsilon=1e-2)))):
+    for press in (AdaKVExpectedAttentionPress(0.75), MoEAware(AdaKVPress(ExpectedAttentionPress(0.75, epsilon=1e-2)))):
         cache = DynamicCache()
         with torch.no_grad(), press(model):
             model.model(input_ids=ids, past_key_values=cache)
@@ -144,16 +181,16 @@ def test_pikv_press_is_its_documented_composition():
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     for a, b in zip(*(c.layers for c in caches), strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    press = PiKVPress(0.5)
+    press = AdaKVExpectedAttentionPress(0.5)
     press.compression_ratio = 0.25
     assert press.press.compression_ratio == 0.25
     with pytest.raises(ValueError, match="compression_ratio"):
-        PiKVPress(1.5)
+        AdaKVExpectedAttentionPress(1.5)
     with pytest.raises(ValueError, match="compression_ratio"):
         press.compression_ratio = -0.1
     with pytest.raises(ValueError, match="alpha_safeguard"):
-        PiKVPress(0.5, alpha_safeguard=2.0)
-    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), PiKVPress(0.5)(model):
+        AdaKVExpectedAttentionPress(0.5, alpha_safeguard=2.0)
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), AdaKVExpectedAttentionPress(0.5)(model):
         model.model(input_ids=torch.cat([ids, ids]), past_key_values=DynamicCache())
     assert not _press_hooks(model)
     for layer in model.model.layers:

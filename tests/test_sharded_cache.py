@@ -14,7 +14,7 @@ from pikv_press.cache import cache_nbytes, layer_access
 from pikv_press.cache.sharded import LOCAL, ExpertShardedCache, parse_devices
 from pikv_press.compat import MoEAware
 from pikv_press.moe import get_anatomy
-from pikv_press.presses import PiKVPress
+from pikv_press.presses import AdaKVExpectedAttentionPress
 from pikv_press.testing import MOE_FAMILY_NAMES, build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -76,8 +76,8 @@ def test_sharded_equals_sdpa_with_generate(family):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("make_press", [lambda r: MoEAware(AdaKVPress(KnormPress(r))), PiKVPress],
-                         ids=["adakv_knorm", "pikv"])
+@pytest.mark.parametrize("make_press", [lambda r: MoEAware(AdaKVPress(KnormPress(r))),
+                                       AdaKVExpectedAttentionPress], ids=["adakv_knorm", "adakv_expected_attention"])
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v2", "glm4_moe", "phimoe"])
 def test_adakv_head_budgets_are_freed_and_exact(family, make_press):
     """AdaKV's head-wise budgets: kvpress masks them in a DynamicCache (0% of the bytes freed); the sharded cache

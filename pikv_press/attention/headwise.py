@@ -1,4 +1,5 @@
-"""Exact head-wise masking of evicted keys for presses with head-wise budgets (:class:`~pikv_press.PiKVPress`).
+"""Exact head-wise masking of evicted keys for presses with head-wise budgets
+(:class:`~pikv_press.AdaKVExpectedAttentionPress`).
 
 kvpress stores AdaKV's evictions as ``module.masked_key_indices`` (batch, kv head, token) and, in its attention patch,
 overwrites those keys with a fake key whose attention weight underflows to zero for every query of the step. The
@@ -9,9 +10,9 @@ whose queries of one step point in every direction (a tiny random MoE; a long mu
 Here the masked entries are removed from attention exactly instead: the SDPA call gets a per-head mask (``-inf`` at
 the masked (head, token) pairs, broadcast over each kv head's query group) combined with the causal mask that
 transformers passes. The keys stay untouched. It acts only on attention modules that a press marked with
-:data:`EXACT_MASK_TAG` (``PiKVPress`` marks the modules it compresses) and only on ``attn_implementation="sdpa"``;
-every other module and attention function runs as before. :func:`install` wraps transformers' registered ``sdpa``
-function once (idempotent, on the first use of such a press).
+:data:`EXACT_MASK_TAG` (``AdaKVExpectedAttentionPress`` marks the modules it compresses) and only on
+``attn_implementation="sdpa"``; every other module and attention function runs as before. :func:`install` wraps
+transformers' registered ``sdpa`` function once (idempotent, on the first use of such a press).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ How the basis reaches the attention function: the cache returns the coefficients
 ``pikv_key_basis`` (transformers' attention functions receive the keys, not the cache). Keys without that attribute
 (any other cache) get plain SDPA, so the implementation is safe to load for every cache. The softmax scale is the
 model's (``1 / sqrt(head_dim)``, passed by the attention module), not that of the reduced width. Masks are SDPA's.
-Head-wise evictions (``module.masked_key_indices``: PiKVPress, AdaKVPress) are applied as an exact per-head mask
-(:func:`pikv_press.attention.headwise.headwise_mask`): kvpress's attention patch does not reach this function.
+Head-wise evictions (``module.masked_key_indices``: AdaKVExpectedAttentionPress, AdaKVPress) are applied as an
+exact per-head mask (:func:`pikv_press.attention.headwise.headwise_mask`): kvpress's attention patch does not reach
+this function.
 Not supported: attention sinks (GPT-OSS), which this function would ignore (it raises), and returning attention
 weights.
 """
@@ -61,7 +62,8 @@ def lowrank_attention_forward(
         query = query @ basis.repeat_interleave(groups, dim=1).to(query.dtype)
     masked = getattr(module, "masked_key_indices", None)
     if masked is not None and query.shape[2] != key.shape[2]:
-        # head-wise evictions (PiKVPress, AdaKVPress): kvpress's attention patch does not reach this function, so
+        # head-wise evictions (AdaKVExpectedAttentionPress, AdaKVPress): kvpress's attention patch does not reach
+        # this function, so
         # they are applied here, exactly, as pikv_press.attention.headwise does for SDPA
         attention_mask = headwise_mask(query, key, masked, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -31,7 +31,8 @@ dequantizing attention kernel is issue 14.
 
 Presses: the layer is read and written through :func:`pikv_press.cache.layer_access` (an adapter is registered), so
 every eviction press that pikv-press runs (kvpress presses through :func:`pikv_press.compat.MoEAware`, the routing
-presses, :class:`~pikv_press.PiKVPress`, the prefill replay) works on it. A press reads the dequantized keys and
+presses, :class:`~pikv_press.PiKVPress`, :class:`~pikv_press.AdaKVExpectedAttentionPress`, the prefill
+replay) works on it. A press reads the dequantized keys and
 values and its kept rows are **re-quantized**: values per token exactly as before up to rounding of the scale (a row
 keeps its group), keys in new groups of ``group_size`` kept tokens, i.e. a second quantization whose error adds to the
 first (each step is within half a quantization step of its input). The rows kept are stored in the order the press

@@ -1,7 +1,9 @@
 """pikv-press's presses: kvpress dataclasses, MoE-aware by construction, composable with kvpress presses.
 
-- :class:`PiKVPress`: the default press (MoE-correct ExpectedAttention under AdaKV's head-wise budgets: routing did
-  not help; figures in its docstring).
+- :class:`PiKVPress`: the default press (MoE-correct TOVA, chosen on the RULER-4k headline: routing did not help;
+  figures in its docstring).
+- :class:`AdaKVExpectedAttentionPress`: MoE-correct ExpectedAttention under AdaKV's head-wise budgets with exact
+  masks (the default before; it leads at 1k tokens on the embedded model).
 - :class:`ExpertBalancedPress`: the kept budget split across the experts the context tokens are routed to.
 - :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
 - :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
@@ -10,6 +12,7 @@
   predicted from the attention input).
 """
 
+from pikv_press.presses.adakv_expected_attention import AdaKVExpectedAttentionPress
 from pikv_press.presses.base import RoutingFeaturePress, RoutingScorerPress
 from pikv_press.presses.expert_balanced import ExpertBalancedPress
 from pikv_press.presses.pikv import PiKVPress
@@ -18,6 +21,7 @@ from pikv_press.presses.routing_layer_budget import RoutingLayerBudgetPress
 from pikv_press.presses.routing_novelty import RoutingNoveltyPress
 
 __all__ = [
+    "AdaKVExpectedAttentionPress",
     "ExpertBalancedPress",
     "PiKVPress",
     "RouterAffinityPress",
