@@ -1,5 +1,5 @@
-"""Needle-in-a-haystack heatmaps (depth x length) of `PiKVPress` (the registry's ``expected_attention``) against
-baselines, teacher-forced, resumable.
+"""Needle-in-a-haystack heatmaps (depth x length) of `PiKVPress` (the registry's ``tova``) against baselines,
+teacher-forced, resumable.
 
     python -m evaluation.needle_heatmap [--lengths 1024,2048,4096] [--depths 0,25,50,75,100]
                                         [--presses no_press,expected_attention,tova,streaming_llm]
@@ -26,8 +26,8 @@ from evaluation import cli, evaluate
 from evaluation.models import EMBEDDED, model_tag
 
 DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm"
-# PiKVPress keeps exactly what the registry's expected_attention (AdaKV + ExpectedAttention) keeps: its runs are those
-LABELS = {"expected_attention": "PiKVPress = expected_attention", "pikv": "PiKVPress"}
+# PiKVPress keeps exactly what the registry's tova (MoE-correct TOVA) keeps: its runs are those
+LABELS = {"tova": "PiKVPress = tova", "pikv": "PiKVPress", "expected_attention": "AdaKV + ExpectedAttention"}
 
 
 def collect(output_dir: Path, model: str) -> pd.DataFrame:
