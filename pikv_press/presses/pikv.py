@@ -23,9 +23,10 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
     commands are in the README). It was chosen at the longest context measured, where KV compression matters:
 
     * RULER-4k headline (all 13 tasks, 130 contexts, full cache 20.3): TOVA 20.3 / 18.6 / 11.2 at 0.25 / 0.5 /
-      0.75, the best of the ten presses at every ratio (next: KeyDiff 18.0 at 0.25, StreamingLLM 14.6 at 0.5 and
-      8.1 at 0.75); ExpectedAttention under AdaKV's head-wise budgets (:class:`AdaKVExpectedAttentionPress`, the
-      default before) 19.5 / 10.8 / 2.3, +7.8 [+3.1, +12.5] and +8.8 [+5.0, +12.7] for TOVA at 0.5 and 0.75.
+      0.75, the best of the eight presses at every ratio, ahead of the next beyond noise only at 0.5 (StreamingLLM
+      14.6, +4.0 [+0.6, +7.6]; ties at 0.25 with ExpectedAttention + AdaKV 19.5 and at 0.75 with StreamingLLM 8.1,
+      +3.1 [-0.8, +6.9]); ExpectedAttention under AdaKV's head-wise budgets (:class:`AdaKVExpectedAttentionPress`,
+      the default before) 19.5 / 10.8 / 2.3, so +7.8 [+3.1, +12.5] and +8.8 [+5.0, +12.7] for TOVA at 0.5 and 0.75.
     * RULER-2k (13 tasks, ``measurements/default_choice_ruler2k``): TOVA and AdaKV-ExpectedAttention tie within
       noise (figures in the README).
     * RULER-1k ablation (the six tasks the full cache solves, 120 samples, full cache 51.7): TOVA 49.4 / 31.7 /
