@@ -14,7 +14,7 @@ from pikv_press.cache import cache_nbytes, layer_access
 from pikv_press.cache.sharded import LOCAL, ExpertShardedCache, parse_devices
 from pikv_press.compat import MoEAware
 from pikv_press.moe import get_anatomy
-from pikv_press.presses import AdaKVExpectedAttentionPress
+from pikv_press.presses import AdaKVExpectedAttentionPress, PiKVPress
 from pikv_press.testing import MOE_FAMILY_NAMES, build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -62,6 +62,27 @@ def test_sharded_equals_eager_prefill_and_decode(family, evict):
         assert expert_rows > 0, "tokens never left the local shard"
         kept = (PREFILL // 2 if evict else PREFILL) + DECODE
         assert layer.head_counts().tolist() == [kept] * layer.kv_heads
+    torch.testing.assert_close(out, reference, **TOL)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "glm4_moe"])
+def test_pikv_press_frees_the_sharded_rows_and_decodes_as_eager(family):
+    """PiKVPress (uniform budgets) on the sharded cache: half the rows and their bytes go, and every logit equals
+    eager attention over a DynamicCache compressed by the same press."""
+    ids = token_ids()
+    eager, sharded = model_of(family, "eager"), model_of(family, "pikv_sharded")
+    reference = run(eager, DynamicCache(config=eager.config), ids, PiKVPress(0.5))
+    with ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as full, \
+            ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as cache, torch.no_grad():
+        sharded(ids[:, :PREFILL], past_key_values=full)
+        with PiKVPress(0.5)(sharded):
+            prefill = sharded(ids[:, :PREFILL], past_key_values=cache).logits
+        compressed_bytes, full_bytes = cache_nbytes(cache), cache_nbytes(full)
+        out = torch.cat([prefill] + [sharded(ids[:, i:i + 1], past_key_values=cache).logits
+                                     for i in range(PREFILL, ids.shape[1])], dim=1)
+        layer = cache.layers[get_anatomy(sharded).compressible_layers[-1]]
+        assert layer.head_counts().tolist() == [PREFILL // 2 + DECODE] * layer.kv_heads
+    assert compressed_bytes <= 0.55 * full_bytes
     torch.testing.assert_close(out, reference, **TOL)
 
 

@@ -27,8 +27,9 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       14.6, +4.0 [+0.6, +7.6]; ties at 0.25 with ExpectedAttention + AdaKV 19.5 and at 0.75 with StreamingLLM 8.1,
       +3.1 [-0.8, +6.9]); ExpectedAttention under AdaKV's head-wise budgets (:class:`AdaKVExpectedAttentionPress`,
       the default before) 19.5 / 10.8 / 2.3, so +7.8 [+3.1, +12.5] and +8.8 [+5.0, +12.7] for TOVA at 0.5 and 0.75.
-    * RULER-2k (13 tasks, ``measurements/default_choice_ruler2k``): TOVA and AdaKV-ExpectedAttention tie within
-      noise (figures in the README).
+    * RULER-2k (13 tasks x 6 samples, full cache 27.0, ``measurements/default_choice_ruler2k``): TOVA 26.6 / 22.6 /
+      6.4 against AdaKV-ExpectedAttention's 24.7 / 18.7 / 6.7, within noise (-1.9 [-5.1, 0.0], -3.9 [-8.9, +0.6],
+      +0.3 [-5.8, +5.8]): the 1k lead of AdaKV-ExpectedAttention is gone by 2k.
     * RULER-1k ablation (the six tasks the full cache solves, 120 samples, full cache 51.7): TOVA 49.4 / 31.7 /
       9.2 / 0.8 at 0.25 / 0.5 / 0.75 / 0.875: **there AdaKV-ExpectedAttention leads** at 0.5 (+8.5 [+1.5,
       +15.4]) and 0.75 (+12.9 [+5.8, +19.8]) and StreamingLLM at 0.75-0.875; so does AdaKV-ExpectedAttention on
