@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split_tasks", action="store_true",
                         help="one file (and evaluation sweep) per task in a chunk: resumable per context at long "
                              "lengths, where a chunk of every task takes an hour")
+    parser.add_argument("--report_name", default=None,
+                        help="file of the report in --output_dir (default: ablation.md, generated: "
+                             "ablation_generated.md); another name keeps a sub-study's report beside the main one")
     parser.add_argument("--pool_with", default="",
                         help="chunk files of other runs (another task list) whose samples of --tasks are pooled too")
     args = parser.parse_args(argv)
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = cli.comma_list(args.ratios, float)
     files = []
     tasks = cli.comma_list(args.tasks)
-    name = "ablation.md" if args.scoring == "teacher_forced" else "ablation_generated.md"
+    name = args.report_name or ("ablation.md" if args.scoring == "teacher_forced" else "ablation_generated.md")
     for chunk in range(args.first_chunk, args.chunks):
         for part in ([[t] for t in tasks] if args.split_tasks else [tasks]):
             try:  # the report pools the chunk files that exist; it never generates data

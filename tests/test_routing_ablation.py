@@ -151,3 +151,6 @@ def test_tasks_short_of_samples_are_skipped_per_task_and_the_report_generates_no
         module.main([*args, "--chunks", "2", "--first_chunk", "1"])
     monkeypatch.setattr(module.ruler, "load_samples", lambda *a, **k: pytest.fail("the report generated data"))
     assert module.main([*args, "--split_tasks", "--chunks", "3", "--report_only"]) == 0
+    assert (tmp_path / "ablation.md").read_text() == "table\n"
+    assert module.main([*args, "--split_tasks", "--report_only", "--report_name", "sub.md"]) == 0
+    assert (tmp_path / "sub.md").read_text() == "table\n"
