@@ -40,9 +40,10 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       9/15 needles at 0.5 and this press 1/15.
 
     **Routing.** Every routing feature was measured on top of a base scorer: none is a reliable gain on the default
-    model (routing novelty on TOVA +2.1 to +5.8 at the four ratios at 1k, never below TOVA; expert-balanced TOVA
-    -13.1 at 0.5, +7.5 at 0.75 at 1k); on the sparse-routing variant (8 of 64 experts) expert-balanced TOVA was +17.8
-    [+4.4, +31.1] at 0.75 on 45 samples, almost all on one task: a hint, not a result.
+    model (routing novelty on TOVA +2.1 to +5.8 at the four ratios at 1k and +1.3 to +2.6 at 2k, never below TOVA,
+    but -1.5 / -1.5 / -2.3 at 4k on 65 contexts; expert-balanced TOVA -13.1 at 0.5, +7.5 at 0.75 at 1k); on the
+    sparse-routing variant (8 of 64 experts) expert-balanced TOVA was +17.8 [+4.4, +31.1] at 0.75 on 45 samples,
+    almost all on one task: a hint, not a result.
 
     Parameters
     ----------
