@@ -51,9 +51,9 @@ def chunk_file(output_dir: Path, length: int, chunk: int, chunk_size: int, tasks
     # a different task list never reuses a chunk (one task: its name; several: their count and total name length)
     tag = f"task-{tasks[0]}" if len(tasks) == 1 else f"{len(tasks)}tasks{sum(map(len, tasks))}"
     path = output_dir / "data" / f"ruler{length}_{tag}_size{chunk_size}_chunk{chunk:03d}.jsonl"
-    if not path.exists() and not create:
-        return None
     if not path.exists():
+        if not create:
+            return None
         df = ruler.load_samples(str(length), tasks=tasks, samples_per_task=(chunk + 1) * chunk_size)
         part = df.groupby("task", sort=False).nth(list(range(chunk * chunk_size, (chunk + 1) * chunk_size)))
         if part.empty:
