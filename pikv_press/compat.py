@@ -83,7 +83,8 @@ _ORIGINAL_EXPECTED_ATTENTION_SCORE = ExpectedAttentionPress.__dict__["score"]
 _ORIGINAL_WINDOW_ATTENTION = SnapKVPress.__dict__["compute_window_attention"]
 
 # Presses that run their own forward passes or hooks outside the attention hook (their __call__ re-prefills or
-# re-reads the context): they cannot be made MoE-correct by the attention hook, so they are refused on MoE families.
+# re-reads the context): they cannot be made MoE-correct by the attention hook, so they are refused on MoE families,
+# except KVzipPress passed as the press itself: MoEAware gives it a MoE-correct __call__ (pikv_press.kvzip).
 _OWN_CALL_PRESSES = ("KVzipPress", "FastKVzipPress", "KVComposePress", "KVgradPress")
 _OWN_CALL_CLASSES = tuple(
     cls for cls in (getattr(kvpress, name, None) for name in _OWN_CALL_PRESSES) if isinstance(cls, type)
@@ -200,13 +201,14 @@ def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
     """Raise ``ValueError`` for press/model combinations that cannot compute the right thing."""
     presses = inner_presses(press)
     for inner in presses:
-        if isinstance(inner, _OWN_CALL_CLASSES):
+        moe_correct = getattr(type(inner).__call__, "__pikv_moe_correct__", False)
+        if isinstance(inner, _OWN_CALL_CLASSES) and not (moe_correct and inner is press):
             raise ValueError(
                 f"{type(inner).__name__} re-reads the context with its own forward passes and hooks, which the "
                 f"MoE-aware attention hook does not reach: on {anatomy.family.name} it would score with the wrong "
                 "queries (or crash on latent attention). Use a prefill press instead (SnapKVPress, "
-                "ExpectedAttentionPress with AdaKVPress, TOVAPress, KeyDiffPress), or run it without MoEAware to get "
-                "kvpress's own behaviour."
+                "ExpectedAttentionPress with AdaKVPress, TOVAPress, KeyDiffPress) or MoEAware(KVzipPress(...)) as the "
+                "press itself (not nested), or run it without MoEAware to get kvpress's own behaviour."
             )
     attn_impl = getattr(anatomy.config, "_attn_implementation", None) or getattr(
         anatomy.model.config, "_attn_implementation", None
@@ -671,7 +673,11 @@ def _moe_aware_type(cls: type) -> type:
     sub = _MOE_AWARE_TYPES.get(cls)
     if sub is None:
         namespace: dict[str, Any] = {"__module__": cls.__module__}
-        if issubclass(cls, _OWN_CALL_CLASSES):
+        if cls is kvpress.KVzipPress:  # its own forward passes, made MoE-correct (pikv_press.kvzip)
+            from pikv_press.kvzip import moe_kvzip_call
+
+            namespace["__call__"] = moe_kvzip_call
+        elif issubclass(cls, _OWN_CALL_CLASSES):
             namespace["__call__"] = _guarded_call(cls.__call__)
         sub = type(f"MoEAware{cls.__name__}", (cls, _MoEAwareBase), namespace)
         _MOE_AWARE_TYPES[cls] = sub

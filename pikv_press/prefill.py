@@ -30,8 +30,16 @@ from pikv_press.moe import ContextRouting, RoutingRecorder, get_anatomy, languag
 _NOT_REPLAYABLE = (DecodingPress, PrefillDecodingPress)
 
 
-def can_replay(press: BasePress) -> bool:
-    """Whether ``press`` compresses only in attention hooks at prefill, so that a recorded prefill can replay it."""
+def _is_moe_kvzip(press: BasePress) -> bool:
+    return bool(getattr(type(press).__call__, "__pikv_moe_correct__", False))
+
+
+def can_replay(press: BasePress, model: nn.Module | None = None) -> bool:
+    """Whether ``press`` compresses only in attention hooks at prefill, so that a recorded prefill can replay it.
+    ``MoEAware(KVzipPress(...))`` replays too on an MoE ``model`` (its reconstruction runs on the record,
+    :func:`pikv_press.kvzip.replay`)."""
+    if _is_moe_kvzip(press):
+        return model is not None and compat.moe_anatomy_for_press(model) is not None
     for inner in compat.inner_presses(press):
         if isinstance(inner, _NOT_REPLAYABLE):
             return False
@@ -61,6 +69,10 @@ class PrefillSnapshot:
     num_layers: int = 0
     routing: dict[int, ContextRouting] = field(default_factory=dict)
     """Routing of the context tokens of every MoE layer (empty for dense models), for presses that read it."""
+    input_ids: torch.Tensor | None = None
+    """The context's token ids (``None`` for a prefill from ``inputs_embeds``), for presses that re-read it (KVzip)."""
+    memo: dict = field(default_factory=dict)
+    """What a press computed from this record that does not depend on its ratio (KVzip's scores), by its settings."""
 
     def full_cache(self, cache_factory: Callable[[], Cache] | None = None) -> Cache:
         """A fresh copy of the uncompressed cache, in a new cache from ``cache_factory`` (default a DynamicCache);
@@ -85,6 +97,11 @@ class PrefillSnapshot:
             if getattr(layer.self_attn, "masked_key_indices", None) is not None:
                 layer.self_attn.masked_key_indices = None
         if press is None:
+            return cache
+        if _is_moe_kvzip(press):
+            from pikv_press import kvzip
+
+            kvzip.replay(press, self)
             return cache
         if not can_replay(press):
             raise ValueError(
@@ -152,6 +169,8 @@ class PrefillRecorder:
         layers = language_model_of(self.model).layers
         self.snapshot.num_layers = len(layers)
         try:
+            self._hooks.append(language_model_of(self.model).register_forward_pre_hook(self._record_ids,
+                                                                                       with_kwargs=True))
             for layer in layers:
                 self._hooks.append(layer.self_attn.register_forward_hook(self._record, with_kwargs=True))
             if self._routing is not None:
@@ -173,6 +192,10 @@ class PrefillRecorder:
                 except ValueError:  # nothing recorded (no forward pass, or it raised)
                     continue
             self._routing.reset()
+
+    def _record_ids(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.snapshot.input_ids = None if ids is None else ids.detach().clone()
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kwargs.get("past_key_values")

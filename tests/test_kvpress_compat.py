@@ -459,11 +459,15 @@ def test_global_switch_and_uninstall():
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-@pytest.mark.parametrize("press", [KVzipPress, FastKVzipPress, KVComposePress])
+@pytest.mark.parametrize("press", [FastKVzipPress, KVComposePress])
 def test_presses_with_their_own_forward_passes_are_refused_on_moe(family, press):
     model = get_model(family)
     with pytest.raises(ValueError, match=f"{press.__name__}.*{family}.*SnapKVPress"):
         _prefill(model, _ids(), MoEAware(press()))
+    _assert_no_press_hooks(model)
+    # KVzipPress runs MoE-correct as the press itself (tests/test_kvzip_moe.py), not nested in another press
+    with pytest.raises(ValueError, match=f"KVzipPress.*{family}.*not nested"):
+        _prefill(model, _ids(), MoEAware(PrefillDecodingPress(prefilling_press=KVzipPress(0.5))))
     _assert_no_press_hooks(model)
 
 
