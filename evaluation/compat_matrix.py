@@ -47,9 +47,19 @@ PRESSES = {
     "KeyDiff": lambda r: KeyDiffPress(r),
     "PyramidKV": lambda r: PyramidKVPress(r, window_size=8),
     "AdaKV(ExpectedAttention)": lambda r: AdaKVPress(ExpectedAttentionPress(r)),
-    "KVzip": lambda r: KVzipPress(r),
+    "KVzip": lambda r: _with_tokenizer(KVzipPress(r)),
 }
 SEQ = 64
+_TOKENIZER: list = []
+
+
+def _with_tokenizer(press: KVzipPress) -> KVzipPress:
+    """KVzip reads its chat-template prefix from the model's tokenizer; the tiny models' config names none, so the
+    MoE-correct KVzip gets the tiny tokenizer (kvpress's own KVzip ignores the attribute and fails loading one)."""
+    if not _TOKENIZER:
+        _TOKENIZER.append(build_tokenizer())
+    press.tokenizer = _TOKENIZER[0]
+    return press
 
 
 def attention_error(family: str) -> float:
@@ -87,6 +97,8 @@ def run_cell(model, pipe, press_factory, ratio: float) -> str:
             return "ValueError (eager only)"
         if "re-reads the context" in str(err):
             return "ValueError (use a prefill press)"
+        if "KVzipPress cannot run" in str(err):
+            return "ValueError (attention sinks)"
         return f"ValueError: {str(err)[:60]}"
     except Exception as err:  # reported in the matrix: what breaks
         return f"FAILS: {type(err).__name__}"
