@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = cli.comma_list(args.tasks)
     name = args.report_name or ("ablation.md" if args.scoring == "teacher_forced" else "ablation_generated.md")
     for chunk in range(args.first_chunk, args.chunks):
-        for part in ([[t] for t in tasks] if args.split_tasks else [tasks]):
+        parts = [[t] for t in tasks] if args.split_tasks else [tasks]
+        for number, part in enumerate(parts, start=1):
             try:  # the report pools the chunk files that exist; it never generates data
                 path = chunk_file(output_dir, args.length, chunk, args.chunk_size, part, create=not args.report_only)
             except RulerGenerationError as exc:
@@ -223,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                                    args.scoring)
                 if status:
                     return status
-                text = report(output_dir, files, presses, ratios, tasks, args.model, args.base, args.scoring)
-                (output_dir / name).write_text(text + "\n")
+                if number == len(parts):  # once per chunk: the report reads every finished run
+                    text = report(output_dir, files, presses, ratios, tasks, args.model, args.base, args.scoring)
+                    (output_dir / name).write_text(text + "\n")
     files += [Path(f) for f in cli.comma_list(args.pool_with)]
     text = report(output_dir, files, presses, ratios, tasks, args.model, args.base, args.scoring)
     (output_dir / name).write_text(text + "\n")
