@@ -32,8 +32,9 @@ context is prefilled once with :class:`pikv_press.prefill.PrefillRecorder` and e
 record (tests show identical caches and answers); answers come from :mod:`pikv_press.answer`. KVzip on an MoE model
 replays too (its reconstruction runs once per context on the record; :func:`pikv_press.kvzip.replay`). Other presses
 that run their own forward passes (Finch, DecodingPress, ...) fall back to kvpress's pipeline (``generate``) or to a
-``with press(model)`` prefill (``teacher_forced``), and their ``press_seconds`` is their time beyond a plain prefill. ``--naive`` runs kvpress's loop instead: one full pipeline call
-per run and context (for comparison; it gives the same predictions).
+``with press(model)`` prefill (``teacher_forced``), and their ``press_seconds`` is their time beyond a plain prefill.
+``--naive`` runs kvpress's loop instead: one full pipeline call per run and context (for comparison; it gives the
+same predictions).
 """
 
 from __future__ import annotations
