@@ -46,6 +46,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from pikv_press.attention import headwise
 from pikv_press.cache.layers import layer_access
+from pikv_press.moe.families import AttentionKind
 
 _KVPRESS_CALL = KVzipPress.__call__
 
@@ -76,8 +77,12 @@ def _template(tokenizer) -> tuple[str, str]:
     return context.split(dummy)[0], suffix
 
 
-def _check_model(anatomy) -> None:
+def _check_model(anatomy, press: KVzipPress) -> None:
     family = anatomy.family.name
+    if press.kvzip_plus_normalization and anatomy.family.attention == AttentionKind.MLA:
+        raise ValueError(f"KVzip+ normalisation weighs values by their output projection, which latent attention "
+                         f"({family}) does not have per cached value head: use KVzipPress(kvzip_plus_normalization="
+                         "False) on this model.")
     if anatomy.family.sinks_attr:
         raise ValueError(f"KVzipPress cannot run MoE-correct on {family}: its attention has sinks, which KVzip's "
                          "score has no term for. Use TOVAPress or SnapKVPress (MoEAware) on this model.")
@@ -177,7 +182,7 @@ def replay(press: KVzipPress, snapshot) -> None:
         raise ValueError("KVzipPress replays from a recorded prefill on MoE families only; on this model run it "
                          "with `with press(model): model.model(...)`.")
     check_press_supported(press, anatomy)
-    _check_model(anatomy)
+    _check_model(anatomy, press)
     if snapshot.input_ids is None:
         raise ValueError("This prefill record has no input_ids (the prefill ran from inputs_embeds); KVzip needs the "
                          "context's token ids to reconstruct it.")
@@ -208,7 +213,7 @@ def moe_kvzip_call(self: KVzipPress, model: torch.nn.Module) -> Iterator[None]:
             yield
         return
     check_press_supported(self, anatomy)
-    _check_model(anatomy)
+    _check_model(anatomy, self)
     tokenizer = _tokenizer(self, model)
     _prepare(self, tokenizer)
     seen: dict = {}

@@ -260,3 +260,25 @@ def test_kvzip_replay_equals_the_live_press_and_reconstructs_once(family, tokeni
             anatomy.attention(i).masked_key_indices = None
     assert len(snapshot.memo) == 1 and torch.equal(snapshot.input_ids, ids)
     assert not press_hooks(model)
+
+
+def test_kvzip_plus_runs_and_differs_from_kvzip_and_is_refused_on_latent_attention(tokenizer):
+    """KVzip+ (value-norm and hidden-norm weighting) changes the scores on a GQA family; on latent attention (no
+    per-head value projection in the cache's layout) it is refused rather than crashing."""
+    model = get_model("qwen3_moe")
+    ids = _ids(20, seed=11)
+    tables = []
+    for plus in (False, True):
+        press = MoEAware(KVzipPress(0.5, n_sink=N_SINK, kvzip_plus_normalization=plus))
+        press.tokenizer = tokenizer
+        tables.append(_run(model, ids, press)[1])
+    assert not torch.allclose(tables[0], tables[1])
+    plus = MoEAware(KVzipPress(0.5, kvzip_plus_normalization=True))
+    plus.tokenizer = tokenizer
+    with pytest.raises(ValueError, match="latent attention"):
+        with plus(get_model("deepseek_v3")):
+            pass
+    anatomy = get_anatomy(model)
+    for i in range(anatomy.num_layers):
+        anatomy.attention(i).masked_key_indices = None
+    assert not press_hooks(model) and not press_hooks(get_model("deepseek_v3"))
