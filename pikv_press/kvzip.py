@@ -18,8 +18,8 @@ itself) is computed from the model's true attention logits. kvpress's own scorin
 tables come from. The reconstruction tokens are cut from the cache after each layer, so the cache afterwards holds the
 context only; the evictions are KVzip's non-uniform head-wise and layer-wise budgets, stored as
 ``module.masked_key_indices`` and applied as an exact mask in SDPA (:mod:`pikv_press.attention.headwise`), as for
-AdaKV: a ``DynamicCache`` keeps the evicted rows in memory (kvpress's own KVzip does the same), an
-``ExpertShardedCache`` frees them.
+AdaKV: the cache keeps the evicted rows in memory (kvpress's own KVzip does the same; it needs SDPA and a
+``DynamicCache``, so the expert-sharded cache, which frees masked rows, is not available to it).
 
 Limits (each a clear ``ValueError``): batch size 1 (as kvpress); a ``DynamicCache`` of full-attention layers
 (sliding-window layers would drop context tokens during the reconstruction); no attention sinks (GPT-OSS: KVzip's
@@ -27,9 +27,10 @@ softmax has no sink term); SDPA attention (the head-wise masks are applied there
 loadable from ``model.config.name_or_path`` (or set ``press.tokenizer``), for KVzip's chat-template prefix. Dense models
 and unknown families run kvpress's own ``KVzipPress.__call__``.
 
-Cost: the reconstruction reads the whole context a second time with a growing cache, about 2-3 prefills in all
-(kvpress's own warning says the same). A recorded prefill (:class:`pikv_press.prefill.PrefillRecorder`) replays it
-(:func:`replay`): the reconstruction runs once per record on a copy of the full cache, and every compression ratio
+Cost: the reconstruction reads the whole context a second time with a growing cache. kvpress's warning says 2-3
+times the prefill; measured on the embedded model at 4k tokens on a CPU, the reconstruction alone took 4.7 times
+the prefill's time (``measurements/headline_ruler4k/ablation_kvzip.md``). A recorded prefill
+(:class:`pikv_press.prefill.PrefillRecorder`) replays it (:func:`replay`): the reconstruction runs once per record on a copy of the full cache, and every compression ratio
 reuses its scores, which do not depend on the ratio.
 """
 
