@@ -30,8 +30,8 @@ and unknown families run kvpress's own ``KVzipPress.__call__``.
 Cost: the reconstruction reads the whole context a second time with a growing cache. kvpress's warning says 2-3
 times the prefill; measured on the embedded model at 4k tokens on a CPU, the reconstruction alone took 4.7 times
 the prefill's time (``measurements/headline_ruler4k/ablation_kvzip.md``). A recorded prefill
-(:class:`pikv_press.prefill.PrefillRecorder`) replays it (:func:`replay`): the reconstruction runs once per record on a copy of the full cache, and every compression ratio
-reuses its scores, which do not depend on the ratio.
+(:class:`pikv_press.prefill.PrefillRecorder`) replays it (:func:`replay`): the reconstruction runs once per record
+on a copy of the full cache, and every compression ratio reuses its scores, which do not depend on the ratio.
 """
 
 from __future__ import annotations
