@@ -197,12 +197,25 @@ def inner_presses(press: Any) -> list[BasePress]:
     return found
 
 
+def has_moe_correct_call(press: BasePress) -> bool:
+    """Whether ``press``'s class carries a ``__call__`` that runs its own forward passes MoE-correctly
+    (``MoEAware(KVzipPress(...))``, :mod:`pikv_press.kvzip`)."""
+    return bool(getattr(type(press).__call__, "__pikv_moe_correct__", False))
+
+
+def attention_implementation(anatomy: MoEAnatomy) -> str | None:
+    """The attention implementation the model runs (``"sdpa"``, ``"eager"``...), from the language model's config
+    or, failing that, the top model's."""
+    return getattr(anatomy.config, "_attn_implementation", None) or getattr(
+        anatomy.model.config, "_attn_implementation", None
+    )
+
+
 def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
     """Raise ``ValueError`` for press/model combinations that cannot compute the right thing."""
     presses = inner_presses(press)
     for inner in presses:
-        moe_correct = getattr(type(inner).__call__, "__pikv_moe_correct__", False)
-        if isinstance(inner, _OWN_CALL_CLASSES) and not (moe_correct and inner is press):
+        if isinstance(inner, _OWN_CALL_CLASSES) and not (has_moe_correct_call(inner) and inner is press):
             raise ValueError(
                 f"{type(inner).__name__} re-reads the context with its own forward passes and hooks, which the "
                 f"MoE-aware attention hook does not reach: on {anatomy.family.name} it would score with the wrong "
@@ -210,9 +223,7 @@ def check_press_supported(press: BasePress, anatomy: MoEAnatomy) -> None:
                 "ExpectedAttentionPress with AdaKVPress, TOVAPress, KeyDiffPress) or MoEAware(KVzipPress(...)) as the "
                 "press itself (not nested), or run it without MoEAware to get kvpress's own behaviour."
             )
-    attn_impl = getattr(anatomy.config, "_attn_implementation", None) or getattr(
-        anatomy.model.config, "_attn_implementation", None
-    )
+    attn_impl = attention_implementation(anatomy)
     if attn_impl == "eager" and any(isinstance(p, AdaKVPress) for p in presses):
         hint = (
             f"{anatomy.family.name} supports only eager attention in this transformers version, so head-wise AdaKV "

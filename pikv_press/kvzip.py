@@ -48,6 +48,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from pikv_press.attention import headwise
 from pikv_press.cache.layers import layer_access
 from pikv_press.moe.families import AttentionKind
+from pikv_press.presses.base import check_batch_size_one
 
 _KVPRESS_CALL = KVzipPress.__call__
 
@@ -90,8 +91,9 @@ def _check_model(anatomy, press: KVzipPress) -> None:
     if anatomy.sliding_layers:
         raise ValueError(f"KVzipPress cannot run on {family} with sliding-window layers {anatomy.sliding_layers}: "
                          "its reconstruction pass would push context tokens out of those layers' caches.")
-    attn_impl = getattr(anatomy.config, "_attn_implementation", None) or getattr(
-        anatomy.model.config, "_attn_implementation", None)
+    from pikv_press.compat import attention_implementation  # compat imports this module lazily
+
+    attn_impl = attention_implementation(anatomy)
     if attn_impl != "sdpa":
         raise ValueError(f"KVzipPress masks its evictions head-wise inside SDPA attention; this model runs "
                          f"{attn_impl!r} attention: load it with attn_implementation='sdpa'.")
@@ -187,8 +189,7 @@ def replay(press: KVzipPress, snapshot) -> None:
     if snapshot.input_ids is None:
         raise ValueError("This prefill record has no input_ids (the prefill ran from inputs_embeds); KVzip needs the "
                          "context's token ids to reconstruct it.")
-    if snapshot.input_ids.shape[0] != 1:
-        raise ValueError(f"KVzipPress supports batch size 1 only (as kvpress), got {snapshot.input_ids.shape[0]}.")
+    check_batch_size_one(press, snapshot.input_ids)
     tokenizer = _tokenizer(press, snapshot.model)
     try:
         _prepare(press, tokenizer)
@@ -231,8 +232,7 @@ def moe_kvzip_call(self: KVzipPress, model: torch.nn.Module) -> Iterator[None]:
             handle.remove()
         ids = seen.get("ids")
         if self.compression_ratio > 0 and ids is not None:
-            if ids.shape[0] != 1:
-                raise ValueError(f"KVzipPress supports batch size 1 only (as kvpress), got {ids.shape[0]}.")
+            check_batch_size_one(self, ids)
             _check_cache(seen["cache"])
             _mask(self, anatomy, _scores(self, anatomy, tokenizer, ids, seen["cache"]))
     finally:

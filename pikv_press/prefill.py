@@ -30,15 +30,11 @@ from pikv_press.moe import ContextRouting, RoutingRecorder, get_anatomy, languag
 _NOT_REPLAYABLE = (DecodingPress, PrefillDecodingPress)
 
 
-def _is_moe_kvzip(press: BasePress) -> bool:
-    return bool(getattr(type(press).__call__, "__pikv_moe_correct__", False))
-
-
 def can_replay(press: BasePress, model: nn.Module | None = None) -> bool:
     """Whether ``press`` compresses only in attention hooks at prefill, so that a recorded prefill can replay it.
     ``MoEAware(KVzipPress(...))`` replays too on an MoE ``model`` (its reconstruction runs on the record,
     :func:`pikv_press.kvzip.replay`)."""
-    if _is_moe_kvzip(press):
+    if compat.has_moe_correct_call(press):
         return model is not None and compat.moe_anatomy_for_press(model) is not None
     for inner in compat.inner_presses(press):
         if isinstance(inner, _NOT_REPLAYABLE):
@@ -98,7 +94,7 @@ class PrefillSnapshot:
                 layer.self_attn.masked_key_indices = None
         if press is None:
             return cache
-        if _is_moe_kvzip(press):
+        if compat.has_moe_correct_call(press):
             from pikv_press import kvzip
 
             kvzip.replay(press, self)
