@@ -70,7 +70,7 @@ def _reference_scores(calls, n_layers: int, ctx_len: int, chunks: list[tuple[int
     return scores
 
 
-def _run(model, ids, press, chunk_bounds=None):
+def _run(model, ids, press):
     """Prefill ``ids`` with ``press``; return (cache, score table before the sinks are raised, captured calls)."""
     seen = {}
     original_post = press.compress_post
