@@ -84,7 +84,8 @@ _ORIGINAL_WINDOW_ATTENTION = SnapKVPress.__dict__["compute_window_attention"]
 
 # Presses that run their own forward passes or hooks outside the attention hook (their __call__ re-prefills or
 # re-reads the context): they cannot be made MoE-correct by the attention hook, so they are refused on MoE families,
-# except KVzipPress passed as the press itself: MoEAware gives it a MoE-correct __call__ (pikv_press.kvzip).
+# except KVzipPress passed as the press itself: MoEAware and the global switches give it a MoE-correct __call__
+# (pikv_press.kvzip).
 _OWN_CALL_PRESSES = ("KVzipPress", "FastKVzipPress", "KVComposePress", "KVgradPress")
 _OWN_CALL_CLASSES = tuple(
     cls for cls in (getattr(kvpress, name, None) for name in _OWN_CALL_PRESSES) if isinstance(cls, type)
@@ -728,7 +729,19 @@ _ORIGINAL_OWN_CALLS = {cls: cls.__dict__["__call__"] for cls in _OWN_CALL_CLASSE
 def _set_global(on: bool) -> None:
     BasePress.__call__ = _moe_aware_call if on else _ORIGINAL_CALL
     for cls, original in _ORIGINAL_OWN_CALLS.items():
-        cls.__call__ = _guarded_call(original) if on else original
+        if not on:
+            cls.__call__ = original
+        elif cls is kvpress.KVzipPress:  # MoE-correct, as under MoEAware (pikv_press.kvzip)
+            from pikv_press.kvzip import moe_kvzip_call
+
+            cls.__call__ = moe_kvzip_call
+        else:
+            cls.__call__ = _guarded_call(original)
+
+
+def original_kvpress_call(cls: type):
+    """kvpress's own ``cls.__call__`` for a press that runs its own forward passes, whatever switch is on."""
+    return _ORIGINAL_OWN_CALLS[cls]
 
 
 @contextmanager

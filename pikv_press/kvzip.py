@@ -50,8 +50,6 @@ from pikv_press.cache.layers import layer_access
 from pikv_press.moe.families import AttentionKind
 from pikv_press.presses.base import check_batch_size_one
 
-_KVPRESS_CALL = KVzipPress.__call__
-
 
 def _tokenizer(press: KVzipPress, model: torch.nn.Module):
     tokenizer = getattr(press, "tokenizer", None)
@@ -207,11 +205,11 @@ def replay(press: KVzipPress, snapshot) -> None:
 @contextmanager
 def moe_kvzip_call(self: KVzipPress, model: torch.nn.Module) -> Iterator[None]:
     """``KVzipPress.__call__`` made MoE-correct (module docstring); kvpress's own on dense and unknown models."""
-    from pikv_press.compat import check_press_supported, moe_anatomy_for_press
+    from pikv_press.compat import check_press_supported, moe_anatomy_for_press, original_kvpress_call
 
     anatomy = moe_anatomy_for_press(model)
     if anatomy is None:
-        with _KVPRESS_CALL(self, model):
+        with original_kvpress_call(KVzipPress)(self, model):
             yield
         return
     check_press_supported(self, anatomy)

@@ -282,3 +282,41 @@ def test_kvzip_plus_runs_and_differs_from_kvzip_and_is_refused_on_latent_attenti
     for i in range(anatomy.num_layers):
         anatomy.attention(i).masked_key_indices = None
     assert not press_hooks(model) and not press_hooks(get_model("deepseek_v3"))
+
+
+def test_kvzip_under_the_global_switch_is_the_moe_correct_kvzip(tokenizer):
+    """Inside ``kvpress_moe_support()`` a plain ``KVzipPress`` runs the MoE-correct call (the same masks as
+    ``MoEAware(KVzipPress)``); nested it is still refused, and kvpress's own call is back after the block."""
+    from kvpress import PrefillDecodingPress
+
+    from pikv_press import kvpress_moe_support
+    from pikv_press.compat import original_kvpress_call
+
+    model = get_model("glm4_moe")  # partial RoPE: kvpress's own KVzip scores differ here
+    anatomy = get_anatomy(model)
+    ids = _ids(26, seed=11)
+    original = KVzipPress.__call__
+    try:
+        wrapped = MoEAware(KVzipPress(0.5, n_sink=N_SINK))
+        wrapped.tokenizer = tokenizer
+        _, expected, _ = _run(model, ids, wrapped)
+        expected_masks = [tuple(t.clone() for t in anatomy.attention(i).masked_key_indices)
+                          for i in range(anatomy.num_layers)]
+        for i in range(anatomy.num_layers):
+            anatomy.attention(i).masked_key_indices = None
+        with kvpress_moe_support():
+            plain = KVzipPress(0.5, n_sink=N_SINK)
+            plain.tokenizer = tokenizer
+            _, scores, _ = _run(model, ids, plain)
+            torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+            for i in range(anatomy.num_layers):
+                for a, b in zip(expected_masks[i], anatomy.attention(i).masked_key_indices, strict=True):
+                    assert torch.equal(a, b)
+            with pytest.raises(ValueError, match="KVzipPress.*not nested"):
+                with PrefillDecodingPress(prefilling_press=plain)(model):
+                    pass
+        assert KVzipPress.__call__ is original is original_kvpress_call(KVzipPress)
+        assert not press_hooks(model)
+    finally:
+        for i in range(anatomy.num_layers):
+            anatomy.attention(i).masked_key_indices = None
