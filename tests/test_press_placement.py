@@ -105,3 +105,38 @@ def test_half_precision(name, dtype):
         assert layer.keys.dtype == dtype and layer.values.dtype == dtype
         assert bool(torch.isfinite(layer.keys).all()) and bool(torch.isfinite(layer.values).all())
     assert not press_hooks(model)
+
+
+def _kvzip(tokenizer):
+    from kvpress import KVzipPress
+
+    from pikv_press import MoEAware
+
+    press = MoEAware(KVzipPress(0.5, layerwise=True))  # layerwise: the same budget in every layer
+    press.tokenizer = tokenizer
+    return press
+
+
+def test_kvzip_on_the_placed_model_masks_exactly_as_on_the_plain_model(plain_and_placed, tokenizer):
+    """MoE-correct KVzip's reconstruction passes run through accelerate's offloading hooks; its scores (and so its
+    masks) are those of the plain model."""
+    plain, placed = plain_and_placed
+    before = press_hooks(placed)
+    expected, got = _compress(plain, _kvzip(tokenizer)), _compress(placed, _kvzip(tokenizer))
+    assert press_hooks(placed) == before
+    for ours, theirs in zip(got.layers, expected.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=0)  # the full context: KVzip only masks
+    for ours, theirs in zip(got.masks, expected.masks, strict=True):
+        assert ours is not None and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    heads = got.layers[0].keys.shape[1]
+    assert [m[2].numel() for m in got.masks] == [int(heads * SEQ * 0.5)] * len(got.masks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kvzip_half_precision(dtype, tokenizer):
+    model = build_model("qwen3_moe").to(dtype)
+    cache = _compress(model, _kvzip(tokenizer))
+    heads = cache.layers[0].keys.shape[1]
+    assert [m[2].numel() for m in cache.masks] == [int(heads * SEQ * 0.5)] * len(cache.masks)
+    assert all(layer.keys.dtype == dtype and layer.keys.shape[2] == SEQ for layer in cache.layers)
+    assert not press_hooks(model)
