@@ -25,7 +25,8 @@ Every run writes kvpress's leaderboard layout, ``<output_dir>/<dataset>__<data_d
 (plus ``__teacher_forced`` for that scoring) with ``predictions.csv`` (one row per sample, its ``score`` 0-100),
 ``metrics.json`` and ``config.yaml``; finished runs are skipped, so an interrupted sweep resumes. At the end a
 markdown table (``results.md``: samples, score with its 95% bootstrap interval, difference to the full cache with a
-paired interval) and a plot (``results.png``) are written to ``output_dir``.
+paired interval) and a plot (``results.png``) are written to ``output_dir`` (not with ``--no_report``, which
+callers that pool many sweeps into one report of their own pass).
 
 Prefill once: prefill presses compress each layer after its attention without changing what flows on, so each
 context is prefilled once with :class:`pikv_press.prefill.PrefillRecorder` and every run's press is replayed on the
@@ -468,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden_states_buffer_size", type=int, default=None,
                         help="decoding presses: hidden states kept for scoring")
     parser.add_argument("--fraction", type=float, default=1.0)
+    parser.add_argument("--no_report", action="store_true",
+                        help="write the runs only, no results.md / results.png (for callers that pool many sweeps "
+                             "into their own report, such as evaluation.routing_ablation)")
     parser.add_argument("--max_new_tokens", type=int, default=None)
     parser.add_argument("--max_context_length", type=int, default=None)
     parser.add_argument("--query_aware", action="store_true")
@@ -531,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_naive:
         return compare_naive(configs, pipe, output_dir)
     run_sweep(configs, pipe, output_dir, naive=args.naive)
+    if args.no_report:
+        print(f"runs: {output_dir}\ntotal {time.time() - start:.0f} s")
+        return 0
     title = f"{args.dataset} {Path(str(args.data_dir)).name}, {label}"
     if args.fraction < 1.0:
         title += f", fraction {args.fraction}"

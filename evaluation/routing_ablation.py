@@ -68,7 +68,7 @@ def run_chunk(path: Path, presses: list[str], ratios: str, runs_dir: Path, threa
               model: str = EMBEDDED, scoring: str = "teacher_forced") -> int:
     argv = ["--dataset", "ruler", "--data_dir", str(path), "--model", model, "--press_name", ",".join(presses),
             "--compression_ratio", ratios, "--scoring", scoring, "--max_new_tokens", "32",
-            "--output_dir", str(runs_dir)]
+            "--output_dir", str(runs_dir), "--no_report"]  # the ablation's report pools every chunk
     if threads:
         argv += ["--threads", str(threads)]
     return evaluate.main(argv)

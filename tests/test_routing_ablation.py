@@ -122,6 +122,8 @@ def test_report_finds_the_runs_that_evaluate_writes_for_either_scoring(tmp_path)
         text = ra.report(tmp_path, [chunk], ["no_press", "knorm"], [0.5], model=str(model_dir), scoring=scoring)
         assert "1 samples (1 tasks, 1 per task)" in text, (scoring, text)
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 4
+    # one chunk's sweep writes no results.md / results.png of its own: the ablation's report pools every chunk
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.is_dir()) == []
 
 
 def test_tasks_short_of_samples_are_skipped_per_task_and_the_report_generates_no_data(tmp_path, monkeypatch,
