@@ -2,7 +2,7 @@
 teacher-forced, resumable.
 
     python -m evaluation.needle_heatmap [--lengths 1024,2048,4096] [--depths 0,25,50,75,100]
-                                        [--presses no_press,expected_attention,tova,streaming_llm]
+                                        [--presses no_press,expected_attention,tova,streaming_llm,kvzip]
                                         [--ratios 0.5,0.75] [--threads 1] [--report]
 
 One needle context per (length, depth) cell (:mod:`evaluation.data.niah`: Paul Graham essays, Kamradt's needle),
@@ -25,9 +25,10 @@ import pandas as pd
 from evaluation import cli, evaluate
 from evaluation.models import EMBEDDED, model_tag
 
-DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm"
+DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm,kvzip"
 # PiKVPress keeps exactly what the registry's tova (MoE-correct TOVA) keeps: its runs are those
-LABELS = {"tova": "PiKVPress = tova", "pikv": "PiKVPress", "expected_attention": "AdaKV + ExpectedAttention"}
+LABELS = {"tova": "PiKVPress = tova", "pikv": "PiKVPress", "expected_attention": "AdaKV + ExpectedAttention",
+          "kvzip": "KVzip (MoE-correct)"}
 
 
 def collect(output_dir: Path, model: str) -> pd.DataFrame:
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("measurements/needle_heatmap"))
     parser.add_argument("--report", action="store_true", help="only draw the report from finished runs")
     args = parser.parse_args(argv)
-    cli.comma_list(args.lengths, int), cli.comma_list(args.depths, float)  # bad lists fail before any work
+    try:  # bad lists fail before any work
+        cli.comma_list(args.lengths, int), cli.comma_list(args.depths, float), cli.comma_list(args.ratios, float)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.report:
         forwarded = ["--dataset", "needle_in_haystack", "--data_dir", args.lengths, "--needle_depth", args.depths,
                      "--press_name", args.presses, "--compression_ratio", args.ratios, "--scoring",
