@@ -57,12 +57,20 @@ def report(frame: pd.DataFrame, output_dir: Path, command: str) -> str:
     settings = sorted({(p, r) for p, r in zip(frame["press"], frame["ratio"], strict=True)},
                       key=lambda pr: (pr[0] != "no_press", pr[1], pr[0]))
     vmax = float(np.nanpercentile(frame["nll"], 95)) if len(frame) else 1.0
-    cols = min(4, len(settings))
-    rows = -(-len(settings) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    # one row of panels per ratio, one column per press; the full cache heads the first row
+    ratios = sorted({r for p, r in settings if p != "no_press"}) or [0.0]
+    presses = sorted({p for p, _ in settings if p != "no_press"})
+    offset = int(any(p == "no_press" for p, _ in settings))
+    fig, axes = plt.subplots(len(ratios), offset + len(presses), squeeze=False,
+                             figsize=(3.2 * (offset + len(presses)), 3.4 * len(ratios)),
+                             gridspec_kw={"hspace": 0.5, "wspace": 0.3})
+    panel = {(p, r): axes[ratios.index(r), offset + presses.index(p)] for p, r in settings if p != "no_press"}
+    if offset:
+        panel.update({(p, r): axes[0, 0] for p, r in settings if p == "no_press"})
     lines = [f"# Needle in a haystack, teacher-forced ({model_tag(EMBEDDED)})", "", f"`{command}`", "",
              "Cells: exact (greedy writes the needle's answer) / gold mean NLL; rows depth %, columns length.", ""]
-    for ax, (press, ratio) in zip(axes.flat, settings, strict=False):
+    for press, ratio in settings:
+        ax = panel[(press, ratio)]
         sub = frame[(frame["press"] == press) & (frame["ratio"] == ratio)]
         grid = np.full((len(depths), len(lengths)), np.nan)
         marks = np.zeros_like(grid, dtype=bool)
@@ -77,14 +85,16 @@ def report(frame: pd.DataFrame, output_dir: Path, command: str) -> str:
                             color="white" if grid[i, j] > vmax / 2 else "black", fontsize=10)
         name = LABELS.get(press, press)
         label = name if press == "no_press" else f"{name} @ {ratio:g}"
-        ax.set_title(f"{label}: {int(marks.sum())}/{int((~np.isnan(grid)).sum())}", fontsize=9)
+        ax.set_title(f"{label}\n{int(marks.sum())}/{int((~np.isnan(grid)).sum())} exact", fontsize=9)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         lines.append(f"| {label} | " + " | ".join(
             "; ".join(f"{'✓' if marks[i, j] else '✗'} {grid[i, j]:.2f}" for i in range(len(depths)))
             for j in range(len(lengths))) + f" | {int(marks.sum())} |")
-    for ax in list(axes.flat)[len(settings):]:
-        ax.axis("off")
+    used = {id(ax) for ax in panel.values()}
+    for ax in axes.flat:
+        if id(ax) not in used:
+            ax.axis("off")
     fig.colorbar(image, ax=axes, label="gold answer mean NLL (nats)", shrink=0.8)
     fig.suptitle("Needle in a haystack: rows depth (%), columns context length (tokens); ✓ greedy writes the answer",
                  fontsize=10, y=1.03)

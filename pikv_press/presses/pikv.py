@@ -42,8 +42,8 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       this default allows. Use it where the prefill cost does not matter.
     * At 2k (153 contexts, four ratios) the routing-novelty feature on TOVA gains +2.6 [+0.8, +4.7] at 0.875 and
       ties elsewhere; at 4k it loses 1.5-2.3 points, so it is not part of this press.
-    * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) StreamingLLM keeps
-      9/15 needles at 0.5 and this press 1/15.
+    * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) KVzip keeps 14/15
+      needles at 0.5 and at 0.75, StreamingLLM 9/15 and 3/15, this press 1/15 at both.
 
     **Routing.** Every routing feature was measured on top of a base scorer: none is a reliable gain on the default
     model (routing novelty on TOVA +2.1 to +5.8 at the four ratios at 1k and +1.3 to +2.6 at 2k, never below TOVA,
