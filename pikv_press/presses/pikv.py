@@ -37,9 +37,9 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       46.7). On short contexts (1k tokens on this model) prefer :class:`AdaKVExpectedAttentionPress`.
     * Its replay costs 2-3% of the prefill on a CPU (AdaKV-ExpectedAttention: 10-24%), within the 5% goal.
     * Not the most accurate press: KVzip made MoE-correct (``MoEAware(KVzipPress(r))``, :mod:`pikv_press.kvzip`)
-      beats it on the RULER-4k contexts it was run on (52, 4 per task): +2.6 / +3.4 / +8.8 [+2.6, +15.1] at
-      0.25 / 0.5 / 0.75, but its context reconstruction takes 4.7 times the prefill's time, far beyond the 5%
-      this default allows. Use it where the prefill cost does not matter.
+      beats it on the 130 RULER-4k headline contexts: 22.0 / 22.8 / 19.3, so +1.7 [-1.1, +4.8] / +4.2 [+0.7, +8.0]
+      / +8.2 [+2.9, +13.4] at 0.25 / 0.5 / 0.75, but its context reconstruction takes 4.7 times the prefill's
+      time, far beyond the 5% this default allows. Use it where the prefill cost does not matter.
     * At 2k (153 contexts, four ratios) the routing-novelty feature on TOVA gains +2.6 [+0.8, +4.7] at 0.875 and
       ties elsewhere; at 4k it loses 1.5-2.3 points, so it is not part of this press.
     * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) KVzip keeps 14/15
