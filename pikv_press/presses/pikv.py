@@ -40,13 +40,13 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       beats it on the 130 RULER-4k headline contexts: 22.0 / 22.8 / 19.3, so +1.7 [-1.1, +4.8] / +4.2 [+0.7, +8.0]
       / +8.2 [+2.9, +13.4] at 0.25 / 0.5 / 0.75, but its context reconstruction takes 4.7 times the prefill's
       time, far beyond the 5% this default allows. Use it where the prefill cost does not matter.
-    * At 2k (153 contexts, four ratios) the routing-novelty feature on TOVA gains +2.6 [+0.8, +4.7] at 0.875 and
-      ties elsewhere; at 4k it loses 1.5-2.3 points, so it is not part of this press.
+    * At 2k (246 contexts, four ratios) the routing-novelty feature on TOVA gains +2.9 [+1.4, +4.6] at 0.875,
+      +1.0 [+0.1, +2.1] at 0.25 and ties at 0.5-0.75; at 4k it loses 1.5-2.3 points, so it is not part of this press.
     * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) KVzip keeps 14/15
       needles at 0.5 and at 0.75, StreamingLLM 9/15 and 3/15, this press 1/15 at both.
 
     **Routing.** Every routing feature was measured on top of a base scorer: none is a reliable gain on the default
-    model (routing novelty on TOVA +2.1 to +5.8 at the four ratios at 1k and +1.3 to +2.6 at 2k, never below TOVA,
+    model (routing novelty on TOVA +2.1 to +5.8 at the four ratios at 1k and +0.3 to +3.2 at 2k, never below TOVA,
     but -1.5 / -1.5 / -2.3 at 4k on 65 contexts; expert-balanced TOVA -13.1 at 0.5, +7.5 at 0.75 at 1k); on the
     sparse-routing variant (8 of 64 experts) expert-balanced TOVA was +17.8 [+4.4, +31.1] at 0.75 on 45 samples,
     almost all on one task: a hint, not a result.
