@@ -308,6 +308,24 @@ def measure(
     }
 
 
+def with_tokenizer(press, tokenizer):
+    """``press`` with ``tokenizer`` given to every KVzip inside it (through wrappers' ``press`` and composed
+    ``presses``) that has none: KVzip builds its reconstruction prompt with it, and a model built in memory (a
+    ``random-*`` model) has no ``name_or_path`` to load one from."""
+    from kvpress import KVzipPress
+
+    stack = [press]
+    while stack:
+        current = stack.pop()
+        if current is None:
+            continue
+        if isinstance(current, KVzipPress) and getattr(current, "tokenizer", None) is None:
+            current.tokenizer = tokenizer
+        stack.append(getattr(current, "press", None))
+        stack.extend(getattr(current, "presses", None) or [])
+    return press
+
+
 def run_benchmark(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -345,7 +363,7 @@ def run_benchmark(
     warm_ids = context_ids(tokenizer, min(warmup_length, min(lengths)), context)
     for name, ratio in configs:
         logger.info("warm-up: %s@%s on %d tokens", name, ratio, warm_ids.shape[1])
-        measure(model, press_for_run(name, ratio, **options), warm_ids, 2, cache)
+        measure(model, with_tokenizer(press_for_run(name, ratio, **options), tokenizer), warm_ids, 2, cache)
 
     common = {
         "model": model_name,
@@ -358,7 +376,7 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     jobs = [(length, name, ratio, r) for length in lengths for name, ratio in configs for r in range(repeats)]
     for length, name, ratio, repeat in tqdm(jobs, desc="benchmark", disable=not progress):
-        press = press_for_run(name, ratio, **options)
+        press = with_tokenizer(press_for_run(name, ratio, **options), tokenizer)
         result = measure(model, press, contexts[length], decode_tokens, cache)
         result.pop("generated_ids")
         row = {**common, "press": name, "compression_ratio": ratio, "repeat": repeat, **result}

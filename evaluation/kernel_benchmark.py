@@ -167,6 +167,29 @@ def measured_rows(path: Path) -> dict[tuple, dict]:
     return {_key(row): row for row in rows}
 
 
+def report(rows: Sequence[dict]) -> str:
+    """A markdown table of benchmark rows, one line per (device, kernel, dtype, length), the Triton kernel and the
+    torch reference side by side, with ``torch ms / triton ms`` (> 1: the kernel is faster)."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_key.setdefault((row["device_name"], row["kernel"], row["dtype"], row["length"]), {})[row["backend"]] = row
+    lines = ["| device | kernel | dtype | tokens | Triton ms | torch ms | Triton speed-up | Triton GB/s | "
+             "Triton fraction of peak |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(row, field, fmt):
+        return "-" if row is None or row.get(field) is None else format(row[field], fmt)
+
+    for (device, kernel, dtype, length), backends in sorted(
+            by_key.items(), key=lambda item: (item[0][0], KERNELS.index(item[0][1]) if item[0][1] in KERNELS
+                                              else len(KERNELS), item[0][2], item[0][3])):
+        tri, ref = backends.get("triton"), backends.get("torch")
+        speedup = f"{ref['ms_per_call'] / tri['ms_per_call']:.2f}" if tri and ref else "-"
+        lines.append(f"| {device} | {kernel} | {dtype} | {length} | {cell(tri, 'ms_per_call', '.3f')} | "
+                     f"{cell(ref, 'ms_per_call', '.3f')} | {speedup} | {cell(tri, 'achieved_gbps', '.1f')} | "
+                     f"{cell(tri, 'fraction_of_peak', '.3f')} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--peak_gbps", type=float, default=None)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--report_only", action="store_true",
+                        help="print the rows already in --output (any device; no measurement), with the Triton "
+                             "kernel's speed-up over the torch reference where both were timed")
     args = parser.parse_args(argv)
+    if args.report_only:
+        if not args.output.exists():
+            raise SystemExit(f"--report_only: {args.output} does not exist; run the benchmark first.")
+        print(report(list(measured_rows(args.output).values())))
+        return 0
     setup(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

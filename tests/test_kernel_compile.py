@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_compile_check.py"), "--arch", "90"],
                             capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]

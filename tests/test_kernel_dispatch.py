@@ -89,3 +89,51 @@ def test_triton_modules_follow_the_interpreter_mode(env):
     env.delenv("TRITON_INTERPRET")
     module = _dispatch.triton_module("select_triton")
     assert not module.INTERPRETED and type(module._select_kernel).__name__ == "JITFunction"
+
+
+def test_auto_keeps_the_reference_for_kernels_measured_slower_on_a_gpu(env):
+    env.setattr(_dispatch, "triton_available", lambda: True)
+    assert not _dispatch.use_triton(FAKE_CUDA, faster_on_gpu=False)
+    assert _dispatch.use_triton(FAKE_CUDA, backend="triton", faster_on_gpu=False)  # forcing still runs the kernel
+
+
+def test_which_kernels_auto_takes(env):
+    """The H200 measurement (measurements/kernel_benchmark/kernel_benchmark_h200.jsonl): partial attention, quantize
+    and quantized attention faster than torch; select, latent attention and routing features slower."""
+    from pikv_press.kernels import (
+        latent_attention,
+        lowbit,
+        lowbit_attention,
+        routing_features,
+        select,
+        sharded_attention,
+    )
+
+    seen = {}
+
+    def spy(name):
+        def use_triton(*tensors, faster_on_gpu=True, **kwargs):
+            seen[name] = faster_on_gpu
+            return False
+        return use_triton
+
+    for name, module in [("select", select), ("latent", latent_attention), ("routing", routing_features),
+                         ("partial", sharded_attention), ("quantize", lowbit), ("quantized", lowbit_attention)]:
+        env.setattr(module, "use_triton", spy(name))
+    select.select_and_compact(torch.randn(1, 2, 8), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 3)
+    latent_attention.latent_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 4), torch.randn(1, 1, 5, 8),
+                                      torch.randn(1, 5, 4), 0.3)
+    routing_features.routing_features(torch.randint(0, 4, (1, 6, 2)), 4)
+    sharded_attention.partial_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), 0.3)
+    packed = lowbit.quantize(torch.randn(1, 1, 8, 8), 4, 8, -2)
+    vpacked = lowbit.quantize(torch.randn(1, 1, 8, 8), 4, 8, -1)
+    lowbit_attention.quantized_attention(torch.randn(1, 2, 1, 8), *packed, *vpacked, bits=4, key_group_size=8,
+                                         value_group_size=8, scaling=0.3)
+    assert seen == {"select": False, "latent": False, "routing": False, "partial": True, "quantize": True,
+                    "quantized": True}
+
+
+def test_true_divide_is_ieee_division():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    expected = torch.from_numpy(x.numpy() / torch.tensor(3.0).numpy())  # numpy: correctly rounded float32 division
+    assert torch.equal(_dispatch.true_divide(x, 3), expected)

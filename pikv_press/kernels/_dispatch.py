@@ -2,9 +2,13 @@
 
 The rule (``PIKV_KERNELS`` environment variable, or a ``backend=`` argument where a function takes one):
 
-* ``auto`` (default): the Triton kernel when every tensor is on a CUDA device and ``triton`` imports, the torch
-  reference otherwise (CPU tensors always take the reference under ``auto``, also under ``TRITON_INTERPRET=1``: the
-  interpreter is a test tool, far slower than torch).
+* ``auto`` (default): the Triton kernel when every tensor is on a CUDA device, ``triton`` imports and the kernel was
+  measured faster than its torch reference on a GPU; the torch reference otherwise (CPU tensors always take the
+  reference under ``auto``, also under ``TRITON_INTERPRET=1``: the interpreter is a test tool, far slower than torch).
+  Measured on an H200 (``measurements/kernel_benchmark/kernel_benchmark_h200.jsonl``, bf16, 8k-128k tokens): the
+  partial attention, quantize and quantized attention kernels are faster than torch (x1.9-x15) and ``auto`` takes them;
+  the select, latent attention and routing features kernels are slower (x1.4-x14) and ``auto`` keeps the reference
+  for them (``backend='triton'`` or ``PIKV_KERNELS=triton`` still runs them).
 * ``torch``: always the torch reference.
 * ``triton``: always the Triton kernel; ``RuntimeError`` when ``triton`` does not import, or when the tensors are on
   the CPU and the Triton interpreter is off (``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, slowly: that is
@@ -56,11 +60,12 @@ def requested_backend(backend: str | None = None) -> str:
 
 
 def use_triton(*tensors: torch.Tensor | None, backend: str | None = None, supported: bool = True,
-               why_unsupported: str = "") -> bool:
+               why_unsupported: str = "", faster_on_gpu: bool = True) -> bool:
     """Whether the Triton kernel should run on ``tensors`` (``None`` entries are ignored).
 
     ``supported=False`` (an input the kernel does not handle, ``why_unsupported`` saying which) makes ``auto`` take
-    the reference and ``triton`` raise.
+    the reference and ``triton`` raise. ``faster_on_gpu=False`` (a kernel measured slower than its reference on a
+    GPU) makes ``auto`` take the reference; ``triton`` still runs the kernel.
     """
     mode = requested_backend(backend)
     if mode == "torch":
@@ -68,7 +73,7 @@ def use_triton(*tensors: torch.Tensor | None, backend: str | None = None, suppor
     present = [t for t in tensors if t is not None]
     on_cuda = bool(present) and all(t.is_cuda for t in present)
     if mode == "auto":
-        return supported and on_cuda and triton_available()
+        return supported and faster_on_gpu and on_cuda and triton_available()
     if not triton_available():
         raise RuntimeError(f"{ENV_VAR}=triton (or backend='triton') but triton does not import: install it with "
                            "`pip install 'pikv-press[kernels]'`, or use the torch reference (PIKV_KERNELS=auto or "
@@ -96,3 +101,13 @@ def triton_module(name: str) -> ModuleType:
     if getattr(module, "INTERPRETED", None) != interpreting():
         module = importlib.reload(module)
     return module
+
+
+def true_divide(numerator: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``numerator / divisor`` correctly rounded (IEEE division) on every device, as the kernels' ``tl.div_rn``.
+
+    A Python-number divisor is not enough: on CUDA tensors torch multiplies by the divisor's reciprocal instead of
+    dividing, which differs by an ulp (seen on an H200), so a reference written ``x / 3`` is not bit-stable across
+    devices. A 0-dim tensor divisor on ``numerator``'s device takes the true division on the CPU and on CUDA.
+    """
+    return numerator / torch.tensor(divisor, dtype=numerator.dtype, device=numerator.device)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from pikv_press.kernels._dispatch import requested_backend, triton_module, use_triton
+from pikv_press.kernels._dispatch import requested_backend, triton_module, true_divide, use_triton
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -140,7 +140,7 @@ def quantize(
     grouped = moved.reshape(*moved.shape[:-1], length // group_size, group_size)
     lo = grouped.amin(dim=-1)
     hi = grouped.amax(dim=-1)
-    span = (hi.float() - lo.float()) / levels
+    span = true_divide(hi.float() - lo.float(), levels)
     scale = torch.where(span > 0, span, torch.ones_like(span)).to(x.dtype)
     zero = lo
     # codes from the stored (dtype-rounded) scale and zero, in fp32

@@ -14,10 +14,12 @@ routing record of :mod:`pikv_press.moe.record`, stacked). With ``m`` the experts
   token's membership under the context's mean membership, in nats (:class:`~pikv_press.presses.RoutingNoveltyPress`'s
   feature).
 
-The affinity is computed from integer counts, so it is exact up to one final division (equal memberships give equal
-affinities); the presses compute the same quantities with float matrix products, which round differently, so they
-keep their own code (the test checks that both agree to float32 rounding). The novelty's ``log`` may differ by an ulp
-between torch and Triton.
+The affinity is computed from integer counts, so it is exact up to one final (IEEE) division: equal memberships give
+equal affinities, and RouterAffinityPress's feature, computed the same way, equals it bit for bit. The novelty's
+``log`` may differ by an ulp between torch and Triton; RoutingNoveltyPress computes it with float matrix products
+(equal to float32 rounding). The presses compute their features per layer in torch and do not call this kernel: on an
+H200 it is 8-14 times slower than the torch reference (``measurements/kernel_benchmark/kernel_benchmark_h200.jsonl``),
+so ``auto`` takes the reference.
 
 Implementations (chosen by :mod:`pikv_press.kernels._dispatch`): the torch reference here (the CPU path and the
 oracle) and :mod:`pikv_press.kernels.routing_features_triton` (one program per layer: a histogram pass, then a pass
@@ -30,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from pikv_press.kernels._dispatch import triton_module, use_triton
+from pikv_press.kernels._dispatch import triton_module, true_divide, use_triton
 
 __all__ = ["RoutingFeatures", "routing_features"]
 
@@ -71,15 +73,15 @@ def _reference(ids: torch.Tensor, num_experts: int, m: int, window: int) -> Rout
     window_counts = torch.zeros_like(counts)
     recent = first[:, seq - window:].reshape(layers, -1)
     window_counts.scatter_add_(1, recent, torch.ones_like(recent))
-    surprise = (counts.float() / float(m * seq)).log().neg()  # only looked up for experts with tokens
+    surprise = true_divide(counts.float(), m * seq).log().neg()  # only looked up for experts with tokens
     hits = window_counts.gather(1, first.reshape(layers, -1)).view(layers, seq, m)
     nats = surprise.gather(1, first.reshape(layers, -1)).view(layers, seq, m)
     total_hits, total_nats = hits[..., 0], nats[..., 0]
     for j in range(1, m):  # in order, as the kernel adds
         total_hits = total_hits + hits[..., j]
         total_nats = total_nats + nats[..., j]
-    affinity = total_hits.float() / float(m * m * window)
-    novelty = total_nats / float(m)
+    affinity = true_divide(total_hits.float(), m * m * window)
+    novelty = true_divide(total_nats, m)
     return RoutingFeatures(counts, window_counts, affinity, novelty)
 
 
@@ -101,6 +103,6 @@ def routing_features(ids: torch.Tensor, num_experts: int, experts_per_token: int
         empty = torch.zeros(layers, num_experts, dtype=torch.int64, device=ids.device)
         nothing = torch.zeros(layers, 0, dtype=torch.float32, device=ids.device)
         return RoutingFeatures(empty, empty.clone(), nothing, nothing.clone())
-    if use_triton(ids, backend=backend):
+    if use_triton(ids, backend=backend, faster_on_gpu=False):  # x8-x14 slower on an H200
         return triton_module("routing_features_triton").routing_features(ids, num_experts, m, window)
     return _reference(ids, num_experts, m, window)

@@ -117,6 +117,7 @@ def select_ragged(scores: torch.Tensor, budgets: torch.Tensor, keys: torch.Tenso
 
     batch, heads, seq = scores.shape
     rows = batch * heads
+    budgets = budgets.to(device=scores.device, dtype=torch.int64)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=scores.device)
     offsets[1:] = budgets.reshape(-1).cumsum(0)
     total = int(offsets[-1])

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pikv_press.presses.base import RoutingFeaturePress, membership
+from pikv_press.kernels._dispatch import true_divide
+from pikv_press.presses.base import RoutingFeaturePress
 
 
 @dataclass
@@ -41,7 +42,13 @@ class RouterAffinityPress(RoutingFeaturePress):
             raise ValueError(f"RouterAffinityPress: window_size must be an integer >= 1, got {self.window_size!r}.")
 
     def feature(self, ids: torch.Tensor) -> torch.Tensor:
-        """Affinity ``(seq,)`` float32 in [0, 1] of tokens routed to ``ids`` ``(seq, top_k)``."""
-        member = membership(ids, self.anatomy.num_experts, self.experts_per_token)
-        target = member[-self.window_size:].mean(dim=0)
-        return member @ target
+        """Affinity ``(seq,)`` float32 in [0, 1] of tokens routed to ``ids`` ``(seq, top_k)``: ``m_t . w`` computed
+        from integer counts (the window's tokens on each of the token's experts) and one final division, so that
+        equal affinities are equal bit for bit on every device (a float product ``member @ target`` rounds
+        differently on a GPU, which split ties and changed the kept tokens)."""
+        m = ids.shape[1] if self.experts_per_token is None else min(self.experts_per_token, ids.shape[1])
+        chosen = ids[:, :m].long()
+        window = chosen[-self.window_size:]
+        counts = torch.bincount(window.reshape(-1), minlength=self.anatomy.num_experts)
+        hits = counts[chosen].sum(dim=1)
+        return true_divide(hits.to(torch.float32), m * m * window.shape[0])
