@@ -3,7 +3,7 @@
     python -m evaluation.benchmark [--model embedded|<path or hub id>] [--press_name no_press,knorm,snapkv]
         [--compression_ratio 0.5] [--lengths 1024,2048,4096,8192] [--decode_tokens 32] [--repeats 1]
         [--threads N] [--device cpu|cuda] [--context essay|random] [--cache dynamic|quantized-int4|...]
-        [--output_dir results/benchmark]
+        [--output_dir results/benchmark] [--report_only]
 
 For every (press, compression ratio, context length) and every repeat, :func:`measure` runs one batch-1 request the
 way kvpress's ``kv-press-text-generation`` pipeline does and returns one row:
@@ -404,14 +404,19 @@ def summarize(rows: Sequence[dict[str, Any]]):
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The medians of :func:`summarize` as a markdown table."""
     summary = summarize(rows)
+    baseline = {r.context_length: r.prefill_s for r in summary.itertuples() if r.press == "no_press"}
     lines = [
-        "| press | ratio | context | prefill s | TTFT s | decode ms/token | peak MiB | KV MiB | KV tokens/layer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| press | ratio | context | prefill s | prefill vs no_press | TTFT s | decode ms/token | peak MiB | KV MiB | "
+        "KV tokens/layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.itertuples():
+        base = baseline.get(r.context_length)
+        versus = f"{100 * (r.prefill_s / base - 1):+.0f}%" if base and r.press != "no_press" else "-"
         lines.append(
-            f"| {r.press} | {r.compression_ratio:g} | {r.context_length} | {r.prefill_s:.3f} | {r.ttft_s:.3f} | "
-            f"{r.decode_ms_per_token:.1f} | {r.peak_mem_mib:.1f} | {r.kv_cache_mib:.2f} | {r.kv_tokens_per_layer:g} |"
+            f"| {r.press} | {r.compression_ratio:g} | {r.context_length} | {r.prefill_s:.3f} | {versus} | "
+            f"{r.ttft_s:.3f} | {r.decode_ms_per_token:.1f} | {r.peak_mem_mib:.1f} | {r.kv_cache_mib:.2f} | "
+            f"{r.kv_tokens_per_layer:g} |"
         )
     return "\n".join(lines)
 
@@ -474,7 +479,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", default="dynamic", choices=sorted(CACHES), help="the KV cache each request fills")
     parser.add_argument("--output_dir", type=Path, default=Path("results/benchmark"))
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--report_only", action="store_true",
+                        help=f"print the table of <output_dir>/{CSV_NAME} (written by an earlier run, on any device) "
+                             "and measure nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        import pandas as pd
+
+        csv_path = args.output_dir / CSV_NAME
+        if not csv_path.exists():
+            parser.error(f"--report_only: {csv_path} does not exist; run the benchmark with this --output_dir first.")
+        rows = pd.read_csv(csv_path).to_dict("records")
+        first = rows[0]
+        print(f"{first['model']} on {first['device']} ({first['dtype']}), {first['context']} context, "
+              f"{first['decode_tokens']} decode tokens; peak memory: {first['mem_method']}\n")
+        print(markdown_table(rows))
+        return 0
 
     press_names = comma_list(args.press_name, str)
     unknown = [p for p in press_names if p not in PRESS_REGISTRY]

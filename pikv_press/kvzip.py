@@ -170,6 +170,7 @@ def _mask(press: KVzipPress, anatomy, scores: torch.Tensor) -> None:
     press.compress_post(SimpleNamespace(model=SimpleNamespace(layers=layers)))
     for layer in layers:
         headwise.mark(layer.self_attn)  # exact masks in SDPA, not kvpress's fake-key search
+        headwise.move_masks(layer.self_attn)  # each layer's masks on its own device
 
 
 def replay(press: KVzipPress, snapshot) -> None:

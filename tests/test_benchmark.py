@@ -111,3 +111,45 @@ def test_main_writes_csv_png_and_table(tokenizer, tmp_path, capsys):
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| press | ratio | context |" in printed and "| knorm | 0.5 | 128 |" in printed
+    # --report_only prints the same medians from the CSV, with the prefill against no_press at the same length
+    assert main(["--report_only", "--output_dir", str(out)]) == 0
+    report = capsys.readouterr().out
+    base = frame[(frame.press == "no_press") & (frame.context_length == 128)].prefill_s.median()
+    ours = frame[(frame.press == "knorm") & (frame.context_length == 128)].prefill_s.median()
+    assert f"| knorm | 0.5 | 128 | {ours:.3f} | {100 * (ours / base - 1):+.0f}% |" in report
+    assert f"| no_press | 0 | 128 | {base:.3f} | - |" in report
+    with pytest.raises(SystemExit):
+        main(["--report_only", "--output_dir", str(tmp_path / "nothing")])
+
+
+def test_with_tokenizer_reaches_kvzip_inside_wrappers(tokenizer):
+    from types import SimpleNamespace
+
+    from kvpress import KnormPress, KVzipPress
+
+    from evaluation.benchmark import with_tokenizer
+    from pikv_press import MoEAware
+
+    wrapped, inner, other = MoEAware(KVzipPress(0.5)), KVzipPress(0.5), MoEAware(KVzipPress(0.5))
+    other.tokenizer = "kept"
+    press = SimpleNamespace(presses=[KnormPress(0.2), wrapped, SimpleNamespace(press=inner)])  # composed, wrapped
+    assert with_tokenizer(press, tokenizer) is press
+    assert wrapped.tokenizer is tokenizer and inner.tokenizer is tokenizer
+    assert with_tokenizer(other, tokenizer).tokenizer == "kept"  # a press's own tokenizer stays
+    assert with_tokenizer(None, tokenizer) is None
+
+
+def test_random_model_builds_the_named_shape(monkeypatch):
+    from evaluation import models
+
+    monkeypatch.setitem(models.RANDOM_SHAPES, "tiny-moe", ("qwen3_moe", dict(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)))
+    model, tokenizer, label = models.load_model("random-tiny-moe-3l", "cpu")
+    assert label == "random-tiny-moe-3l" and len(model.model.layers) == 3 and not model.training
+    assert model.config.vocab_size == len(tokenizer) and model.dtype == torch.bfloat16
+    gate = model.model.layers[0].mlp.gate.weight
+    assert 0.01 < float(gate.float().std()) < 0.03  # routers random, not zeros
+    for bad in ("random-tiny-moe", "random-tiny-moe-0l", "random-nope-2l"):
+        with pytest.raises(ValueError, match="random-<shape>-<layers>l"):
+            models.load_model(bad, "cpu")

@@ -71,6 +71,21 @@ def install() -> None:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = _wrap(func)
 
 
+def move_masks(module: torch.nn.Module, device: torch.device | None = None) -> None:
+    """Put ``module.masked_key_indices`` on ``device`` (default: the module's own parameters' device, left alone
+    when they are on the meta device, i.e. offloaded). kvpress builds the batch indices on the CPU (AdaKV) and
+    KVzip's global ranking builds every layer's indices on one device; on a model split across devices each layer's
+    masks then belong to its own."""
+    masked = getattr(module, "masked_key_indices", None)
+    if masked is None:
+        return
+    if device is None:
+        device = next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+        if device is None:
+            return
+    module.masked_key_indices = tuple(t.to(device) for t in masked)
+
+
 def mark(module: torch.nn.Module) -> None:
     """Apply ``module``'s head-wise masks exactly (:func:`install` included)."""
     install()

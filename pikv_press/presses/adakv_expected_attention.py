@@ -66,4 +66,6 @@ class AdaKVExpectedAttentionPress(_MoEAwareBase, AdaKVPress):
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         check_batch_size_one(self, keys)
         headwise.mark(module)  # masks applied exactly in SDPA, not by kvpress's fake-key search
-        return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        keys, values = super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        headwise.move_masks(module, keys.device)  # kvpress builds the batch indices on the CPU
+        return keys, values
