@@ -159,6 +159,11 @@ def _scores(press: KVzipPress, anatomy, tokenizer, context_ids: torch.Tensor, ca
     finally:
         for handle in handles:
             handle.remove()
+        for view in views.values():  # the cut above is a view: free the reconstruction tokens' storage
+            access = layer_access(cache.layers[view.layer_idx])
+            keys, values = access.read()
+            if any(t.untyped_storage().nbytes() > t.numel() * t.element_size() for t in (keys, values)):
+                access.write(keys.clone(), values.clone())
     return press.score_val
 
 

@@ -320,3 +320,21 @@ def test_kvzip_under_the_global_switch_is_the_moe_correct_kvzip(tokenizer):
     finally:
         for i in range(anatomy.num_layers):
             anatomy.attention(i).masked_key_indices = None
+
+
+def test_kvzip_leaves_the_cache_holding_exactly_the_contexts_bytes(tokenizer):
+    """The reconstruction tokens are cut from each layer after every chunk; the cut must not keep their storage alive
+    (measured on an H200: a slice left one chunk of storage per layer, 16 MiB on 4 Qwen3-30B-A3B layers)."""
+    from pikv_press import cache_nbytes
+
+    model, ids = get_model("qwen3_moe"), _ids(60)
+    full = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=full)
+    press = MoEAware(KVzipPress(0.5, chunk_size=16))
+    press.tokenizer = tokenizer
+    cache, _, _ = _run(model, ids, press)
+    assert [layer.keys.shape for layer in cache.layers] == [layer.keys.shape for layer in full.layers]
+    assert cache_nbytes(cache) == cache_nbytes(full)
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
