@@ -27,15 +27,18 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       14.6, +4.0 [+0.6, +7.6]; ties at 0.25 with ExpectedAttention + AdaKV 19.5 and at 0.75 with StreamingLLM 8.1,
       +3.1 [-0.8, +6.9]); ExpectedAttention under AdaKV's head-wise budgets (:class:`AdaKVExpectedAttentionPress`,
       the default before) 19.5 / 10.8 / 2.3, so +7.8 [+3.1, +12.5] and +8.8 [+5.0, +12.7] for TOVA at 0.5 and 0.75.
-    * RULER-2k (13 tasks x 6 samples, full cache 27.0, ``measurements/default_choice_ruler2k``): TOVA 26.6 / 22.6 /
-      6.4 against AdaKV-ExpectedAttention's 24.7 / 18.7 / 6.7, within noise (-1.9 [-5.1, 0.0], -3.9 [-8.9, +0.6],
-      +0.3 [-5.8, +5.8]): the 1k lead of AdaKV-ExpectedAttention is gone by 2k.
+    * RULER-2k (13 tasks, 20 samples each, qa_2 6: 246 contexts, full cache 25.3,
+      ``measurements/default_choice_ruler2k/ablation_routing.md``): TOVA 24.8 / 21.3 / 7.3 against
+      AdaKV-ExpectedAttention's 23.5 / 18.2 / 5.3 (-1.2 [-3.0, +0.3], -3.0 [-5.8, -0.4], -2.0 [-5.4, +1.2]): the 1k
+      lead of AdaKV-ExpectedAttention is gone by 2k.
     * RULER-1k ablation (the six tasks the full cache solves, 120 samples, full cache 51.7): TOVA 49.4 / 31.7 /
       9.2 / 0.8 at 0.25 / 0.5 / 0.75 / 0.875: **there AdaKV-ExpectedAttention leads** at 0.5 (+8.5 [+1.5,
       +15.4]) and 0.75 (+12.9 [+5.8, +19.8]) and StreamingLLM at 0.75-0.875; so does AdaKV-ExpectedAttention on
       ``make demo`` (RULER-1k, 0.5: 53.1 against 43.8) and on the sparse-routing variant at 0.5 (60.0 against
       46.7). On short contexts (1k tokens on this model) prefer :class:`AdaKVExpectedAttentionPress`.
-    * Its replay costs 2-3% of the prefill on a CPU (AdaKV-ExpectedAttention: 10-24%), within the 5% goal.
+    * Its replay costs 2-3% of the prefill on a CPU (AdaKV-ExpectedAttention: 10-24%), within the 5% goal; on an
+      H200 it adds 21-48% to the prefill of random-weight Qwen3-30B-A3B layers at 16k-4k tokens and 6-16% on
+      Mixtral-8x7B layers (as kvpress's TOVA and SnapKV through the same hooks), beyond it.
     * Not the most accurate press: KVzip made MoE-correct (``MoEAware(KVzipPress(r))``, :mod:`pikv_press.kvzip`)
       beats it on the 130 RULER-4k headline contexts: 22.0 / 22.8 / 19.3, so +1.7 [-1.1, +4.8] / +4.2 [+0.7, +8.0]
       / +8.2 [+2.9, +13.4] at 0.25 / 0.5 / 0.75, but its context reconstruction takes 4.7 times the prefill's
