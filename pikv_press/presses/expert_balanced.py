@@ -28,8 +28,11 @@ def expert_budgets(sizes: torch.Tensor, capacities: torch.Tensor, n_kept: int, p
     power : exponent of the group sizes, >= 0 (1: proportional, 0: equal shares).
     min_tokens : floor per expert with tokens, >= 0.
     """
-    device = sizes.device
-    dtype = torch.float64 if device.type != "mps" else torch.float32
+    # a few dozen numbers and a loop of small steps: on the CPU, so that a GPU is synchronised once, not at every step
+    # (and the budgets are the same on every device)
+    out_device = sizes.device
+    device, dtype = torch.device("cpu"), torch.float64
+    sizes = sizes.detach().to(device)
     capacities = capacities.to(device=device, dtype=torch.int64)
     total = int(min(n_kept, int(capacities.sum())))
     floors = capacities.clamp(max=min_tokens)
@@ -67,7 +70,7 @@ def expert_budgets(sizes: torch.Tensor, capacities: torch.Tensor, n_kept: int, p
             budgets += give
             room -= step
             missing -= int(step.sum())
-    return budgets
+    return budgets.to(out_device)
 
 
 @dataclass
