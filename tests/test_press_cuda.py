@@ -2,10 +2,9 @@
 CPU. Skipped without CUDA (the CI machine has none; ``tests/test_press_placement.py`` covers placement there with a
 disk-offloaded layer).
 
-On a GPU, ``PIKV_KERNELS=auto`` sends the routing presses' features to the Triton kernel
-(``pikv_press/kernels/routing_features_triton.py``), so these tests also run that kernel inside a real prefill. Results
-are compared with the same tiny model on the CPU: the kept-token counts must be exact, the kept keys equal the CPU's up
-to floating-point noise (the reductions run in another order on the GPU, so bitwise equality is not expected).
+Results are compared with the same tiny model on the CPU: the kept-token counts must be exact, the kept keys equal the
+CPU's up to floating-point noise (the reductions run in another order on the GPU, so bitwise equality is not
+expected).
 """
 
 from __future__ import annotations
@@ -13,25 +12,19 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import dispatch_model
-from kvpress import KVzipPress, TOVAPress
+from kvpress import KVzipPress
 from kvpress.utils import compute_n_kept
 from transformers import AutoModelForCausalLM, DynamicCache, pipeline
 
 from pikv_press import MoEAware
-from pikv_press.presses import (
-    AdaKVExpectedAttentionPress,
-    ExpertBalancedPress,
-    PiKVPress,
-    RouterAffinityPress,
-    RoutingLayerBudgetPress,
-    RoutingNoveltyPress,
-)
-from pikv_press.testing import VOCAB, build_model, build_tokenizer
+from pikv_press.presses import PiKVPress
+from pikv_press.testing import build_model, build_tokenizer
 from tests.conftest import press_hooks
+from tests.test_press_placement import PRESSES as PLACEMENT_PRESSES
+from tests.test_press_placement import SEQ, _compress, _kept
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SEQ = 40
 SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
          "model.layers.2": 0, "model.norm": 0, "lm_head": 0}
 
@@ -42,39 +35,7 @@ def _kvzip():
     return press
 
 
-PRESSES = {
-    "expert_balanced": lambda: ExpertBalancedPress(0.5, press=TOVAPress()),
-    "router_affinity": lambda: RouterAffinityPress(0.5, press=TOVAPress()),
-    "routing_novelty": lambda: RoutingNoveltyPress(0.5, press=TOVAPress()),
-    "layer_budget": lambda: RoutingLayerBudgetPress(0.5, press=TOVAPress()),
-    "pikv": lambda: PiKVPress(0.5),
-    "adakv_expected_attention": lambda: AdaKVExpectedAttentionPress(0.5),
-    "kvzip": _kvzip,
-}
-
-
-def _ids(device) -> torch.Tensor:
-    return torch.randint(5, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3)).to(device)
-
-
-def _compress(model, press, device) -> DynamicCache:
-    """The cache after a prefill under ``press``, head-wise masks kept on ``cache.masks`` and cleared from the model."""
-    cache = DynamicCache()
-    with torch.no_grad(), press(model):
-        model.model(input_ids=_ids(device), past_key_values=cache)
-    cache.masks = []
-    for layer in model.model.layers:
-        cache.masks.append(getattr(layer.self_attn, "masked_key_indices", None))
-        layer.self_attn.masked_key_indices = None
-    return cache
-
-
-def _kept(cache: DynamicCache) -> list[float]:
-    kept = []
-    for layer, mask in zip(cache.layers, cache.masks, strict=True):
-        masked = 0 if mask is None else mask[-1].numel()
-        kept.append((layer.keys.shape[1] * layer.keys.shape[2] - masked) / layer.keys.shape[1])
-    return kept
+PRESSES = {**PLACEMENT_PRESSES, "kvzip": _kvzip}
 
 
 def _assert_matches_cpu(got: DynamicCache, expected: DynamicCache, atol: float) -> None:
@@ -101,16 +62,6 @@ def cpu_model():
 @pytest.fixture(scope="module")
 def cuda_model():
     return build_model("qwen3_moe").to("cuda")
-
-
-@pytest.mark.parametrize("name", PRESSES)
-def test_on_cuda_compresses_as_on_the_cpu(cpu_model, cuda_model, name):
-    before = press_hooks(cuda_model)
-    expected = _compress(cpu_model, PRESSES[name](), "cpu")
-    got = _compress(cuda_model, PRESSES[name](), "cuda")
-    assert press_hooks(cuda_model) == before
-    assert all(layer.keys.device.type == "cuda" for layer in got.layers)
-    _assert_matches_cpu(got, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -153,25 +104,27 @@ def offloaded_model(tmp_path_factory, cpu_model):
     return model
 
 
-@pytest.mark.parametrize("name", PRESSES)
-def test_split_model_keeps_each_layer_cache_on_its_device(cpu_model, split_model, name):
-    before = press_hooks(split_model)
-    expected = _compress(cpu_model, PRESSES[name](), "cpu")
-    got = _compress(split_model, PRESSES[name](), "cuda")
-    assert press_hooks(split_model) == before
-    assert [layer.keys.device.type for layer in got.layers] == ["cuda", "cpu", "cuda"]
-    for layer, mask in zip(got.layers, got.masks, strict=True):
-        assert mask is None or all(t.device == layer.keys.device for t in mask)
-    _assert_matches_cpu(got, expected, atol=1e-4)
+# placement: (model fixture, device of each layer's cache, whether each layer's masks are checked to be there too)
+PLACEMENTS = {
+    "cuda": ("cuda_model", ["cuda"] * 3, False),
+    "split": ("split_model", ["cuda", "cpu", "cuda"], True),  # each layer's cache and masks on its own device
+    "cpu_offloaded": ("offloaded_model", ["cuda"] * 3, False),  # the offloaded layer runs on the GPU
+}
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("name", PRESSES)
-def test_cpu_offloaded_layer_compresses_as_on_the_cpu(cpu_model, offloaded_model, name):
-    before = press_hooks(offloaded_model)
+def test_compresses_as_on_the_cpu(request, cpu_model, name, placement):
+    fixture, devices, check_masks = PLACEMENTS[placement]
+    model = request.getfixturevalue(fixture)
+    before = press_hooks(model)
     expected = _compress(cpu_model, PRESSES[name](), "cpu")
-    got = _compress(offloaded_model, PRESSES[name](), "cuda")
-    assert press_hooks(offloaded_model) == before
-    assert all(layer.keys.device.type == "cuda" for layer in got.layers)
+    got = _compress(model, PRESSES[name](), "cuda")
+    assert press_hooks(model) == before
+    assert [layer.keys.device.type for layer in got.layers] == devices
+    if check_masks:
+        for layer, mask in zip(got.layers, got.masks, strict=True):
+            assert mask is None or all(t.device == layer.keys.device for t in mask)
     _assert_matches_cpu(got, expected, atol=1e-4)
 
 

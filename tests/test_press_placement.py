@@ -36,16 +36,16 @@ PRESSES = {
 SEQ = 40
 
 
-def _ids() -> torch.Tensor:
-    return torch.randint(5, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+def _ids(device="cpu") -> torch.Tensor:
+    return torch.randint(5, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3)).to(device)
 
 
-def _compress(model, press) -> DynamicCache:
-    """The cache after a prefill under ``press``; head-wise masks (AdaKVExpectedAttentionPress's budgets) kept on
-    ``cache.masks`` and cleared from the model."""
+def _compress(model, press, device="cpu") -> DynamicCache:
+    """The cache after a prefill of tokens on ``device`` under ``press``; head-wise masks (AdaKVExpectedAttentionPress's
+    budgets) kept on ``cache.masks`` and cleared from the model."""
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model.model(input_ids=_ids(), past_key_values=cache)
+        model.model(input_ids=_ids(device), past_key_values=cache)
     cache.masks = []
     for layer in model.model.layers:
         cache.masks.append(getattr(layer.self_attn, "masked_key_indices", None))
@@ -57,7 +57,7 @@ def _kept(cache: DynamicCache) -> list[int]:
     """Tokens kept per layer, averaged over kv heads (stored minus masked)."""
     kept = []
     for layer, mask in zip(cache.layers, cache.masks, strict=True):
-        masked = 0 if mask is None else mask[1].numel()
+        masked = 0 if mask is None else mask[-1].numel()
         kept.append((layer.keys.shape[1] * layer.keys.shape[2] - masked) / layer.keys.shape[1])
     return kept
 
