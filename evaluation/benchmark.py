@@ -309,20 +309,16 @@ def measure(
 
 
 def with_tokenizer(press, tokenizer):
-    """``press`` with ``tokenizer`` given to every KVzip inside it (through wrappers' ``press`` and composed
-    ``presses``) that has none: KVzip builds its reconstruction prompt with it, and a model built in memory (a
-    ``random-*`` model) has no ``name_or_path`` to load one from."""
+    """``press`` with ``tokenizer`` given to every KVzip inside it (:func:`pikv_press.compat.inner_presses`) that has
+    none: KVzip builds its reconstruction prompt with it, and a model built in memory (a ``random-*`` model) has no
+    ``name_or_path`` to load one from."""
     from kvpress import KVzipPress
 
-    stack = [press]
-    while stack:
-        current = stack.pop()
-        if current is None:
-            continue
-        if isinstance(current, KVzipPress) and getattr(current, "tokenizer", None) is None:
-            current.tokenizer = tokenizer
-        stack.append(getattr(current, "press", None))
-        stack.extend(getattr(current, "presses", None) or [])
+    from pikv_press.compat import inner_presses
+
+    for inner in inner_presses(press):
+        if isinstance(inner, KVzipPress) and getattr(inner, "tokenizer", None) is None:
+            inner.tokenizer = tokenizer
     return press
 
 

@@ -123,16 +123,21 @@ def test_main_writes_csv_png_and_table(tokenizer, tmp_path, capsys):
 
 
 def test_with_tokenizer_reaches_kvzip_inside_wrappers(tokenizer):
-    from types import SimpleNamespace
+    from dataclasses import dataclass, field
 
-    from kvpress import KnormPress, KVzipPress
+    from kvpress import BasePress, KnormPress, KVzipPress
 
     from evaluation.benchmark import with_tokenizer
     from pikv_press import MoEAware
 
     wrapped, inner, other = MoEAware(KVzipPress(0.5)), KVzipPress(0.5), MoEAware(KVzipPress(0.5))
     other.tokenizer = "kept"
-    press = SimpleNamespace(presses=[KnormPress(0.2), wrapped, SimpleNamespace(press=inner)])  # composed, wrapped
+    @dataclass
+    class Holder(BasePress):  # a press holding presses (kvpress's ComposedPress refuses KVzip)
+        presses: list = field(default_factory=list)
+        press: BasePress | None = None
+
+    press = Holder(presses=[KnormPress(0.2), wrapped, Holder(press=inner)])  # composed, wrapped
     assert with_tokenizer(press, tokenizer) is press
     assert wrapped.tokenizer is tokenizer and inner.tokenizer is tokenizer
     assert with_tokenizer(other, tokenizer).tokenizer == "kept"  # a press's own tokenizer stays
