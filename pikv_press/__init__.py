@@ -61,6 +61,7 @@ from pikv_press.moe import (
 from pikv_press.presses import (
     AdaKVExpectedAttentionPress,
     ExpertBalancedPress,
+    KVzipSurrogatePress,
     PiKVPress,
     RouterAffinityPress,
     RoutingLayerBudgetPress,
@@ -73,6 +74,7 @@ __all__ = [
     "AdaKVExpectedAttentionPress",
     "ExpertBalancedPress",
     "ExpertShardedCache",
+    "KVzipSurrogatePress",
     "KVLayerAccess",
     "LatentCache",
     "LowRankKeyCache",

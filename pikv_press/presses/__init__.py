@@ -8,6 +8,8 @@
 - :class:`RouterAffinityPress`: tokens routed like the end of the context, alone or with a base press.
 - :class:`RoutingNoveltyPress`: tokens whose routing is rare in their context, alone or with a base press.
 - :class:`RoutingLayerBudgetPress`: the global budget split across layers by each layer's measured routing.
+- :class:`KVzipSurrogatePress`: KVzip's scores predicted from the attention input by a linear surrogate fitted for
+  the model (the KVzap recipe; one is shipped for the embedded model).
 - :class:`RoutingScorerPress`, :class:`RoutingFeaturePress`: their bases (routing from the MoE blocks, or
   predicted from the attention input).
 """
@@ -15,6 +17,7 @@
 from pikv_press.presses.adakv_expected_attention import AdaKVExpectedAttentionPress
 from pikv_press.presses.base import RoutingFeaturePress, RoutingScorerPress
 from pikv_press.presses.expert_balanced import ExpertBalancedPress
+from pikv_press.presses.kvzip_surrogate import KVzipSurrogatePress
 from pikv_press.presses.pikv import PiKVPress
 from pikv_press.presses.router_affinity import RouterAffinityPress
 from pikv_press.presses.routing_layer_budget import RoutingLayerBudgetPress
@@ -23,6 +26,7 @@ from pikv_press.presses.routing_novelty import RoutingNoveltyPress
 __all__ = [
     "AdaKVExpectedAttentionPress",
     "ExpertBalancedPress",
+    "KVzipSurrogatePress",
     "PiKVPress",
     "RouterAffinityPress",
     "RoutingFeaturePress",

@@ -1,0 +1,128 @@
+"""``KVzipSurrogatePress``: KVzip's scores predicted from the attention input by a fitted linear model (KVzap)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kvpress import ScorerPress
+from kvpress.presses.kvzap_press import KVzapModel
+from torch import nn
+
+from pikv_press.compat import _MoEAwareBase
+from pikv_press.presses.base import check_batch_size_one, check_ratio
+
+SURROGATES = Path(__file__).resolve().parents[1] / "surrogates"
+
+
+def shipped_surrogate(model: nn.Module) -> Path | None:
+    """The folder of the surrogate shipped for ``model`` (``pikv_press/surrogates/<last part of its
+    name_or_path>``), or ``None``."""
+    name = Path(str(getattr(model.config, "name_or_path", "") or "")).name
+    folder = SURROGATES / name
+    return folder if name and (folder / "config.json").exists() else None
+
+
+@dataclass
+class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
+    """KVzip's scores at the price of one small matrix product per layer: the KVzap recipe (Jegou and Jeblick 2026,
+    arXiv 2601.07891) with a linear surrogate fitted for the model (:mod:`pikv_press.surrogate`,
+    ``python -m evaluation.fit_kvzip_surrogate``). Each layer's surrogate reads the hidden state that enters the
+    attention and predicts, per kv head, the logarithm of the score that KVzip's context reconstruction would give the
+    token; each head keeps its best-predicted tokens (kvpress's ``ScorerPress``: the same count in every head, so
+    the cache is physically smaller in any cache), plus the first ``n_sink`` tokens (KVzip's sinks) and the last
+    ``window_size`` (KVzap's sliding window, as kvpress's ``DMSPress``), which are always kept. MoE-correct by
+    construction (:mod:`pikv_press.compat`).
+
+    What differs from KVzap: a compression ratio instead of KVzap's score threshold; the targets are plain KVzip
+    scores, not KVzip+; and the surrogate shipped for the embedded model was fitted on news articles (the Lee
+    corpus), not on the text it is evaluated on (README, "KVzip surrogate").
+
+    Parameters
+    ----------
+    compression_ratio : fraction of the cache removed, in [0, 1).
+    surrogate : a kvpress ``KVzapModel`` (linear or MLP, one module per layer, one output per kv head), the folder
+        of one, or ``None``: the surrogate shipped for the model (``pikv_press/surrogates/<model folder>``; a
+        ``ValueError`` says how to fit one where there is none).
+    window_size : the most recent context tokens, always kept.
+    n_sink : the first context tokens, always kept.
+    """
+
+    compression_ratio: float = 0.0
+    surrogate: KVzapModel | str | Path | None = None
+    window_size: int = 128
+    n_sink: int = 4
+    _resolved: KVzapModel | None = field(default=None, init=False, repr=False)
+    _on_device: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        check_ratio(self, self.compression_ratio)
+        for name in ("window_size", "n_sink"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"KVzipSurrogatePress: {name} must be an integer >= 0, got {value!r}.")
+        if self.surrogate is not None and not isinstance(self.surrogate, (KVzapModel, str, Path)):
+            raise ValueError(f"KVzipSurrogatePress: surrogate must be a kvpress KVzapModel, the folder of one, or "
+                             f"None, got {type(self.surrogate).__name__}.")
+
+    def __setattr__(self, name, value):
+        if name == "compression_ratio":
+            check_ratio(self, value)
+        if name == "surrogate":  # a new surrogate is read again at the next post_init_from_model
+            super().__setattr__("_resolved", None)
+            super().__setattr__("_on_device", {})
+        super().__setattr__(name, value)
+
+    def post_init_from_model(self, model: nn.Module) -> None:
+        from pikv_press.surrogate import check_fits
+
+        super().post_init_from_model(model)
+        if self._resolved is None:
+            surrogate = self.surrogate
+            if surrogate is None:
+                surrogate = shipped_surrogate(model)
+                if surrogate is None:
+                    name = getattr(model.config, "name_or_path", "")
+                    raise ValueError(f"KVzipSurrogatePress: no KVzip surrogate is shipped for {name!r}. Fit one with "
+                                     "`python -m evaluation.fit_kvzip_surrogate --model <model>` and pass "
+                                     "surrogate=<its folder>.")
+            if not isinstance(surrogate, KVzapModel):
+                surrogate = KVzapModel.from_pretrained(str(surrogate))
+            self._resolved = surrogate.eval()
+            self._on_device = {}
+        check_fits(self._resolved, model)
+
+    def _module(self, layer_idx: int, device: torch.device) -> nn.Module:
+        if self._resolved is None:
+            raise ValueError("KVzipSurrogatePress has not seen the model: use it as `with press(model):` or through "
+                             "the pipeline.")
+        key = (layer_idx, device)
+        if key not in self._on_device:  # fp32 copies, one per layer and device
+            self._on_device[key] = self._resolved.layers[layer_idx].to(device=device, dtype=torch.float32)
+        return self._on_device[key]
+
+    def predicted_log_scores(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The surrogate's predicted log KVzip scores ``(batch, kv_heads, seq)`` of one layer, in float32."""
+        module = self._module(layer_idx, hidden_states.device)
+        with torch.no_grad():
+            return module(hidden_states.float()).transpose(1, 2)
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        check_batch_size_one(self, keys)
+        scores = self.predicted_log_scores(int(module.layer_idx), hidden_states)
+        if scores.shape[1] != keys.shape[1] or scores.shape[2] != keys.shape[2]:
+            raise ValueError(f"KVzipSurrogatePress: the surrogate scores {scores.shape[1]} kv heads x "
+                             f"{scores.shape[2]} tokens, the layer caches {keys.shape[1]} x {keys.shape[2]}: it was "
+                             "fitted for another model, or the prefill is chunked (score the whole context at once).")
+        seq = scores.shape[-1]
+        sink, window = min(self.n_sink, seq), min(self.window_size, seq)
+        # protected tokens rank above every predicted score, sinks first, then the window (latest first), so that
+        # when the budget is smaller than the protected set the choice is deterministic
+        top = scores.amax(dim=-1, keepdim=True) + 1
+        if window:
+            scores[..., seq - window:] = top + torch.arange(1, window + 1, device=scores.device, dtype=scores.dtype)
+        if sink:
+            scores[..., :sink] = top + window + 1 + torch.arange(sink, 0, -1, device=scores.device,
+                                                                 dtype=scores.dtype)
+        return scores

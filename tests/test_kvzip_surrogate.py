@@ -1,0 +1,248 @@
+"""KVzipSurrogatePress and its fit (pikv_press/surrogate.py): the regression recovers an exact linear map, the press
+keeps exactly the tokens the surrogate ranks best (plus sinks and window), replays like the plain path, frees bytes,
+and refuses what it cannot do."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kvpress.presses.kvzap_press import KVzapModel
+from kvpress.utils import compute_n_kept
+from transformers import DynamicCache
+
+from pikv_press import KVzipSurrogatePress, get_anatomy
+from pikv_press.prefill import PrefillRecorder
+from pikv_press.surrogate import SurrogateStats, check_fits, collect, solve, to_kvzap_model
+from pikv_press.testing import VOCAB
+from tests.conftest import get_model, press_hooks
+
+FAMILY = "qwen3_moe"  # QK norms: a family where a Llama-shaped scorer would read the wrong queries
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _random_surrogate(model, seed: int = 0) -> KVzapModel:
+    anatomy = get_anatomy(model)
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(anatomy.num_layers, model.config.hidden_size + 1, model.config.num_key_value_heads,
+                          generator=g, dtype=torch.float64)
+    return to_kvzap_model(weights)
+
+
+def _kept(full: torch.Tensor, kept: torch.Tensor) -> set[int]:
+    """Positions of the rows of ``kept`` in ``full`` (kvpress gathers them in score order, not position order)."""
+    positions = [int((full == row).all(-1).nonzero()[0]) for row in kept]
+    assert len(set(positions)) == len(positions)
+    return set(positions)
+
+
+def _attention_inputs(model, ids) -> dict[int, torch.Tensor]:
+    anatomy = get_anatomy(model)
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer):
+        def hook(module, args, kwargs):
+            seen.setdefault(layer, kwargs["hidden_states"].detach().clone())
+        return hook
+
+    handles = [anatomy.attention(i).register_forward_pre_hook(record(i), with_kwargs=True)
+               for i in range(anatomy.num_layers)]
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids, past_key_values=DynamicCache())
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_solve_recovers_an_exact_linear_map_and_mse_matches_the_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 200, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    xb = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    y = xb @ w
+    stats = SurrogateStats(xb.transpose(1, 2) @ xb, xb.transpose(1, 2) @ y, (y ** 2).sum(1), 200)
+    assert torch.allclose(solve(stats, 0.0), w, atol=1e-9)
+    other = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(stats.mse(other), ((xb @ other - y) ** 2).mean(1), atol=1e-9)
+    half = SurrogateStats(stats.xtx / 2, stats.xty / 2, stats.yty / 2, 100)
+    assert torch.allclose((half + half).xtx, stats.xtx)
+    with pytest.raises(ValueError, match="ridge"):
+        solve(stats, -1.0)
+
+
+def test_to_kvzap_model_computes_the_fitted_map():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    model = to_kvzap_model(w, fit_ridge=0.1)
+    x = torch.randn(4, 3, 4, generator=g)  # (tokens, modules, d), kvpress's KVzapModel.forward layout
+    expected = torch.stack([x[:, i].double() @ w[i, :-1] + w[i, -1] for i in range(3)], dim=1)
+    assert torch.allclose(model(x).double(), expected, atol=1e-5)
+    assert model.config.fit_ridge == 0.1
+
+
+def test_collect_targets_are_the_log_kvzip_scores_of_the_prefilled_context(tokenizer):
+    """collect's statistics are those of [hidden, 1] -> log KVzip score: with an exact fit on one context (ridge 0,
+    more rows than features would be needed; here checked through the bias row), the mean target per layer and
+    head equals the mean log score that MoE-correct KVzip computes."""
+    model = get_model(FAMILY)
+    ids = _ids(40)
+    stats, rows = collect(model, tokenizer, ids, skip_first=4, keep_rows=8, generator=torch.Generator().manual_seed(0))
+    assert stats.count == 36
+    anatomy = get_anatomy(model)
+    hidden = _attention_inputs(model, ids)
+    # the bias column of X^T X counts the rows; X^T y's bias row sums the targets; X^T X's feature block is h^T h
+    assert torch.all(stats.xtx[:, -1, -1] == 36)
+    for layer in range(anatomy.num_layers):
+        h = hidden[layer][0, 4:].double()
+        assert torch.allclose(stats.xtx[layer, :-1, :-1], h.T @ h, rtol=1e-9, atol=1e-9)
+    assert rows["hidden"].shape == (anatomy.num_layers, 8, model.config.hidden_size)
+    assert rows["target"].shape == (anatomy.num_layers, 8, model.config.num_key_value_heads)
+    assert torch.all(rows["target"] <= 0)  # logs of attention probabilities
+    # a surrogate fitted on this one context predicts it better than the mean does (a real signal, not noise)
+    weights = solve(stats, 1e-3)
+    constant = torch.zeros_like(weights)
+    constant[:, -1] = stats.xty[:, -1] / stats.count
+    assert stats.mse(weights).mean() < stats.mse(constant).mean()
+    with pytest.raises(ValueError, match=r"\(1, seq\)"):
+        collect(model, tokenizer, torch.cat([ids, ids]))
+    assert not press_hooks(model)
+
+
+def test_press_keeps_the_best_predicted_tokens_plus_sinks_and_window():
+    model = get_model(FAMILY)
+    ids = _ids(64)
+    surrogate = _random_surrogate(model)
+    hidden = _attention_inputs(model, ids)
+    plain = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=plain)
+    press = KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    assert not press_hooks(model)
+    n_kept = compute_n_kept(64, 0.5)
+    for layer in range(get_anatomy(model).num_layers):
+        assert cache.layers[layer].keys.shape[2] == n_kept  # physically smaller: the bytes are freed
+        predicted = (surrogate.layers[layer](hidden[layer].float()).transpose(1, 2))[0]  # (kv_heads, seq)
+        for head in range(predicted.shape[0]):
+            free = predicted[head, 2:-8]
+            chosen = set((free.topk(n_kept - 10).indices + 2).tolist()) | {0, 1} | set(range(56, 64))
+            assert _kept(plain.layers[layer].keys[0, head], cache.layers[layer].keys[0, head]) == chosen
+
+
+def test_protected_tokens_win_deterministically_when_the_budget_is_small():
+    """With a budget smaller than sinks + window, the sinks and then the latest window tokens are kept."""
+    model = get_model(FAMILY)
+    ids = _ids(32)
+    plain = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=plain)
+    press = KVzipSurrogatePress(0.75, surrogate=_random_surrogate(model, seed=3), window_size=16, n_sink=2)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    keep = {0, 1, *range(26, 32)}  # 8 = compute_n_kept(32, 0.75): both sinks, the 6 latest tokens
+    assert compute_n_kept(32, 0.75) == 8
+    for a, b in zip(plain.layers, cache.layers, strict=True):
+        for head in range(a.keys.shape[1]):
+            assert _kept(a.keys[0, head], b.keys[0, head]) == keep
+
+
+def test_replay_equals_the_plain_path():
+    model = get_model(FAMILY)
+    ids = _ids(48, seed=2)
+    surrogate = _random_surrogate(model, seed=1)
+    plain = DynamicCache()
+    with torch.no_grad(), KVzipSurrogatePress(0.6, surrogate=surrogate)(model):
+        model.model(input_ids=ids, past_key_values=plain)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    replayed = recorder.snapshot.replay(KVzipSurrogatePress(0.6, surrogate=surrogate))
+    for a, b in zip(plain.layers, replayed.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_score_in_float32(dtype):
+    model = get_model(FAMILY)
+    press = KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))
+    press.post_init_from_model(model)
+    hidden = torch.randn(1, 20, model.config.hidden_size)
+    reference = press.predicted_log_scores(0, hidden)
+    low = press.predicted_log_scores(0, hidden.to(dtype))
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, reference, atol=0.1 * reference.abs().max().item())
+
+
+def test_a_saved_surrogate_loads_from_its_folder(tmp_path):
+    model = get_model(FAMILY)
+    surrogate = _random_surrogate(model, seed=4)
+    surrogate.save_pretrained(tmp_path)
+    ids = _ids(40)
+    caches = []
+    for source in (surrogate, tmp_path, str(tmp_path)):
+        cache = DynamicCache()
+        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=source)(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        caches.append(cache)
+    for other in caches[1:]:
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(caches[0].layers, other.layers, strict=True))
+
+
+def test_bad_arguments_and_models_get_clear_errors():
+    model = get_model(FAMILY)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        KVzipSurrogatePress(1.0)
+    press = KVzipSurrogatePress(0.5)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        press.compression_ratio = -0.5
+    with pytest.raises(ValueError, match="window_size"):
+        KVzipSurrogatePress(0.5, window_size=-1)
+    with pytest.raises(ValueError, match="n_sink"):
+        KVzipSurrogatePress(0.5, n_sink=1.5)
+    with pytest.raises(ValueError, match="KVzapModel"):
+        KVzipSurrogatePress(0.5, surrogate=torch.nn.Linear(2, 2))
+    # no surrogate shipped for a tiny test model: the error says how to fit one, and no hook stays behind
+    with pytest.raises(ValueError, match="fit_kvzip_surrogate"), torch.no_grad(), KVzipSurrogatePress(0.5)(model):
+        model.model(input_ids=_ids(16), past_key_values=DynamicCache())
+    assert not press_hooks(model)
+    wrong = to_kvzap_model(torch.zeros(1, model.config.hidden_size + 1, model.config.num_key_value_heads))
+    with pytest.raises(ValueError, match="not fitted for this model"):
+        check_fits(wrong, model)
+    with pytest.raises(ValueError, match="not fitted for this model"), torch.no_grad(), \
+            KVzipSurrogatePress(0.5, surrogate=wrong)(model):
+        model.model(input_ids=_ids(16), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), \
+            KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))(model):
+        model.model(input_ids=torch.cat([_ids(16), _ids(16)]), past_key_values=DynamicCache())
+    with pytest.raises(RuntimeError, match="boom"), KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))(model):
+        raise RuntimeError("boom")
+    assert not press_hooks(model)
+
+
+def test_adakv_budgets_over_the_surrogate_mask_no_protected_token():
+    """AdaKV's head-wise budgets over the predicted log scores (the registry's ``adakv_kvzip_surrogate``): the masked
+    entries are AdaKV's share of the layer, and never a sink or a window token."""
+    from kvpress import AdaKVPress
+
+    from pikv_press import MoEAware
+
+    model = get_model(FAMILY)
+    press = MoEAware(AdaKVPress(KVzipSurrogatePress(surrogate=_random_surrogate(model), window_size=8, n_sink=2)))
+    press.compression_ratio = 0.5
+    try:
+        with torch.no_grad(), press(model):
+            model.model(input_ids=_ids(64), past_key_values=DynamicCache())
+        heads = model.config.num_key_value_heads
+        for layer in model.model.layers:
+            _, _, positions = layer.self_attn.masked_key_indices
+            assert len(positions) == int(64 * heads * 0.5)
+            assert not ({0, 1} | set(range(56, 64))) & set(positions.tolist())
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = None
+    assert not press_hooks(model)
