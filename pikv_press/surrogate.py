@@ -123,7 +123,8 @@ def solve(stats: SurrogateStats, ridge: float) -> torch.Tensor:
     penalty[-1, -1] = 0.0
     scale = stats.xtx.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1)  # (layers,)
     lhs = stats.xtx + ridge * scale[:, None, None] * penalty
-    return torch.linalg.solve(lhs, stats.xty)
+    # one layer at a time: torch 2.13's batched float64 solve on the CPU fails inside MKL (DLASWP) for 577 x 577
+    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(lhs, stats.xty, strict=True)])
 
 
 def to_kvzap_model(weights: torch.Tensor, **metadata) -> KVzapModel:

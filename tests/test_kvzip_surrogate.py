@@ -246,3 +246,20 @@ def test_adakv_budgets_over_the_surrogate_mask_no_protected_token():
         for layer in model.model.layers:
             layer.self_attn.masked_key_indices = None
     assert not press_hooks(model)
+
+
+def test_the_surrogate_shipped_for_the_embedded_model_has_its_shape():
+    """The committed surrogate (evaluation.fit_kvzip_surrogate) is found from the embedded model's folder name and
+    has one linear module per layer of SmolLM2-135M's shape (576 hidden, 3 kv heads, 30 layers)."""
+    from types import SimpleNamespace
+
+    from pikv_press.presses.kvzip_surrogate import shipped_surrogate
+
+    fake = SimpleNamespace(config=SimpleNamespace(name_or_path="/somewhere/models/smollm2-moe-ed1da41ac4"))
+    folder = shipped_surrogate(fake)
+    assert folder is not None and folder.name == "smollm2-moe-ed1da41ac4"
+    surrogate = KVzapModel.from_pretrained(str(folder))
+    assert (surrogate.config.n_modules, surrogate.config.input_dim, surrogate.config.output_dim) == (30, 576, 3)
+    assert surrogate.config.hidden_dim is None and surrogate.config.fit_corpus == "lee_background"
+    assert all(torch.isfinite(p).all() for p in surrogate.parameters())
+    assert shipped_surrogate(SimpleNamespace(config=SimpleNamespace(name_or_path="org/other-model"))) is None
