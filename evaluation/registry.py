@@ -84,7 +84,7 @@ PIKV_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "router_affinity_tova": lambda: pikv_presses.RouterAffinityPress(press=kp.TOVAPress()),
     "routing_novelty_tova": lambda: pikv_presses.RoutingNoveltyPress(press=kp.TOVAPress()),
     "layer_budget_tova": lambda: pikv_presses.RoutingLayerBudgetPress(press=kp.TOVAPress()),
-    # KVzip's scores from a linear surrogate (KVzap recipe); the surrogate shipped for the model
+    # KVzip's scores from a linear surrogate (KVzap recipe) and KVzip's allocation; the surrogate shipped for the model
     "kvzip_surrogate": pikv_presses.KVzipSurrogatePress,
 }
 
@@ -99,6 +99,8 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
     # the routing-novelty feature on AdaKVExpectedAttentionPress's composition: AdaKV's head-wise budgets over
     # novelty x ExpectedAttention
+    # the surrogate with the same share in every head (evicted rows freed), and under AdaKV's head-wise budgets
+    "kvzip_surrogate_head": lambda: pikv_presses.KVzipSurrogatePress(allocation="head"),
     # AdaKV's head-wise budgets over the surrogate's predicted log KVzip scores (comparable across heads)
     "adakv_kvzip_surrogate": lambda: pikv_press.MoEAware(kp.AdaKVPress(pikv_presses.KVzipSurrogatePress())),
     "routing_novelty_expected_attention": lambda: pikv_press.MoEAware(kp.AdaKVPress(

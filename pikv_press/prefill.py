@@ -41,7 +41,9 @@ def can_replay(press: BasePress, model: nn.Module | None = None) -> bool:
             return False
         cls = type(inner)
         # a press with its own __call__ runs extra forward passes or hooks elsewhere (KVzip, Finch, ...)
-        if cls.__call__ not in (BasePress.__call__, compat._ORIGINAL_CALL, compat._moe_aware_call):
+        # (a press whose __call__ only adds a step after the prefill says so with `finish_prefill`, which replay runs)
+        if cls.__call__ not in (BasePress.__call__, compat._ORIGINAL_CALL, compat._moe_aware_call) and not (
+                getattr(cls, "replays_with_finish_prefill", False)):
             return False
         if cls.forward_hook is not BasePress.forward_hook and not isinstance(inner, ComposedPress):
             return False
@@ -128,6 +130,9 @@ class PrefillSnapshot:
                     if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
                         kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
                     compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
+                finish = getattr(press, "finish_prefill", None)
+                if finish is not None:  # a press that decides once the whole prefill is seen (KVzipSurrogatePress)
+                    finish(self.model)
         return cache
 
     def _replay_plain(self, press: BasePress, cache: Cache) -> None:

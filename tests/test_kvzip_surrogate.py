@@ -119,7 +119,7 @@ def test_press_keeps_the_best_predicted_tokens_plus_sinks_and_window():
     plain = DynamicCache()
     with torch.no_grad():
         model.model(input_ids=ids, past_key_values=plain)
-    press = KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2)
+    press = KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2, allocation="head")
     cache = DynamicCache()
     with torch.no_grad(), press(model):
         model.model(input_ids=ids, past_key_values=cache)
@@ -141,7 +141,8 @@ def test_protected_tokens_win_deterministically_when_the_budget_is_small():
     plain = DynamicCache()
     with torch.no_grad():
         model.model(input_ids=ids, past_key_values=plain)
-    press = KVzipSurrogatePress(0.75, surrogate=_random_surrogate(model, seed=3), window_size=16, n_sink=2)
+    press = KVzipSurrogatePress(0.75, surrogate=_random_surrogate(model, seed=3), window_size=16, n_sink=2,
+                                allocation="head")
     cache = DynamicCache()
     with torch.no_grad(), press(model):
         model.model(input_ids=ids, past_key_values=cache)
@@ -152,18 +153,79 @@ def test_protected_tokens_win_deterministically_when_the_budget_is_small():
             assert _kept(a.keys[0, head], b.keys[0, head]) == keep
 
 
-def test_replay_equals_the_plain_path():
+def _masks(model):
+    return [tuple(t.clone() for t in layer.self_attn.masked_key_indices)
+            if layer.self_attn.masked_key_indices is not None else None for layer in model.model.layers]
+
+
+def _clear_masks(model):
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+
+
+@pytest.mark.parametrize("allocation", ["head", "global"])
+def test_replay_equals_the_plain_path(allocation):
     model = get_model(FAMILY)
     ids = _ids(48, seed=2)
     surrogate = _random_surrogate(model, seed=1)
     plain = DynamicCache()
-    with torch.no_grad(), KVzipSurrogatePress(0.6, surrogate=surrogate)(model):
-        model.model(input_ids=ids, past_key_values=plain)
-    with torch.no_grad(), PrefillRecorder(model) as recorder:
-        model.model(input_ids=ids, past_key_values=DynamicCache())
-    replayed = recorder.snapshot.replay(KVzipSurrogatePress(0.6, surrogate=surrogate))
+    try:
+        with torch.no_grad(), KVzipSurrogatePress(0.6, surrogate=surrogate, allocation=allocation)(model):
+            model.model(input_ids=ids, past_key_values=plain)
+        plain_masks = _masks(model)
+        _clear_masks(model)
+        with torch.no_grad(), PrefillRecorder(model) as recorder:
+            model.model(input_ids=ids, past_key_values=DynamicCache())
+        replayed = recorder.snapshot.replay(KVzipSurrogatePress(0.6, surrogate=surrogate, allocation=allocation))
+        replayed_masks = _masks(model)
+    finally:
+        _clear_masks(model)
     for a, b in zip(plain.layers, replayed.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert (plain_masks[0] is None) == (allocation == "head")
+    for a, b in zip(plain_masks, replayed_masks, strict=True):
+        assert (a is None and b is None) or all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_global_allocation_evicts_the_lowest_predicted_entries_of_all_layers_and_heads():
+    """allocation="global" (KVzip's compress_post allocation): the masked (layer, head, token) entries are exactly
+    the lowest ``ratio`` of every layer's and head's predicted scores, sinks and window excepted; the layers keep
+    different shares; the cache itself keeps every row; the next prefill's answers read the masks."""
+    model = get_model(FAMILY)
+    ids = _ids(64, seed=5)
+    surrogate = _random_surrogate(model, seed=6)
+    hidden = _attention_inputs(model, ids)
+    anatomy = get_anatomy(model)
+    table = []
+    for layer in range(anatomy.num_layers):
+        scores = surrogate.layers[layer](hidden[layer].float()).transpose(1, 2)[0]  # (kv_heads, seq)
+        top = scores.amax(-1, keepdim=True) + 1
+        scores[:, :2] = top + 1000  # sinks and window: above every predicted score
+        scores[:, -8:] = top + 500
+        table.append(scores)
+    table = torch.stack(table)
+    heads = table.shape[1]
+    n_pruned = int(table.numel() * 0.5)
+    threshold = table.reshape(-1).sort().values[n_pruned - 1]
+    cache = DynamicCache()
+    try:
+        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2)(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        masks = _masks(model)
+    finally:
+        _clear_masks(model)
+    assert not press_hooks(model)
+    assert all(layer.keys.shape[2] == 64 for layer in cache.layers)  # masks, not evictions
+    total, shares = 0, set()
+    for layer, (batch, head, position) in enumerate(masks):
+        masked = torch.zeros(heads, 64, dtype=torch.bool)
+        masked[head, position] = True
+        assert torch.equal(masked, table[layer] <= threshold)
+        assert not masked[:, :2].any() and not masked[:, -8:].any()
+        assert torch.all(batch == 0)
+        total += int(masked.sum())
+        shares.add(int(masked.sum()))
+    assert total == n_pruned and len(shares) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -204,6 +266,11 @@ def test_bad_arguments_and_models_get_clear_errors():
         KVzipSurrogatePress(0.5, window_size=-1)
     with pytest.raises(ValueError, match="n_sink"):
         KVzipSurrogatePress(0.5, n_sink=1.5)
+    with pytest.raises(ValueError, match="allocation"):
+        KVzipSurrogatePress(0.5, allocation="layer")
+    with pytest.raises(ValueError, match="sdpa"), torch.no_grad(), \
+            KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))(get_model(FAMILY, "eager")):
+        pass
     with pytest.raises(ValueError, match="KVzapModel"):
         KVzipSurrogatePress(0.5, surrogate=torch.nn.Linear(2, 2))
     # no surrogate shipped for a tiny test model: the error says how to fit one, and no hook stays behind

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +12,12 @@ from kvpress import ScorerPress
 from kvpress.presses.kvzap_press import KVzapModel
 from torch import nn
 
+from pikv_press.attention import headwise
 from pikv_press.compat import _MoEAwareBase
 from pikv_press.presses.base import check_batch_size_one, check_ratio
 
 SURROGATES = Path(__file__).resolve().parents[1] / "surrogates"
+ALLOCATIONS = ("head", "global")
 
 
 def shipped_surrogate(model: nn.Module) -> Path | None:
@@ -30,10 +34,18 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
     arXiv 2601.07891) with a linear surrogate fitted for the model (:mod:`pikv_press.surrogate`,
     ``python -m evaluation.fit_kvzip_surrogate``). Each layer's surrogate reads the hidden state that enters the
     attention and predicts, per kv head, the logarithm of the score that KVzip's context reconstruction would give the
-    token; each head keeps its best-predicted tokens (kvpress's ``ScorerPress``: the same count in every head, so
-    the cache is physically smaller in any cache), plus the first ``n_sink`` tokens (KVzip's sinks) and the last
-    ``window_size`` (KVzap's sliding window, as kvpress's ``DMSPress``), which are always kept. MoE-correct by
-    construction (:mod:`pikv_press.compat`).
+    token. The first ``n_sink`` tokens (KVzip's sinks) and the last ``window_size`` (KVzap's sliding window, as
+    kvpress's ``DMSPress``) are always kept. How the budget is spent (``allocation``):
+
+    * ``"global"``: KVzip's own allocation. The predicted scores of every layer and kv head are ranked together once
+      the prefill has run, and the lowest ``compression_ratio`` of all (layer, head, token) entries are evicted, so
+      layers and heads keep different shares, as ``KVzipPress`` does with its reconstruction scores. The evictions
+      are exact head-wise masks in SDPA attention (:mod:`pikv_press.attention.headwise`, as for KVzip and AdaKV): a
+      ``DynamicCache`` keeps the masked rows in memory, ``ExpertShardedCache`` frees them.
+    * ``"head"``: every head of every layer keeps its best-predicted ``1 - compression_ratio`` of the tokens
+      (kvpress's ``ScorerPress``), so the keys and values are physically smaller in any cache.
+
+    MoE-correct by construction (:mod:`pikv_press.compat`).
 
     What differs from KVzap: a compression ratio instead of KVzap's score threshold; the targets are plain KVzip
     scores, not KVzip+; and the surrogate shipped for the embedded model was fitted on news articles (the Lee
@@ -47,14 +59,20 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         ``ValueError`` says how to fit one where there is none).
     window_size : the most recent context tokens, always kept.
     n_sink : the first context tokens, always kept.
+    allocation : ``"global"`` (KVzip's ranking across layers and heads, head-wise masks) or ``"head"`` (the same
+        share in every head, evicted rows freed).
     """
 
     compression_ratio: float = 0.0
     surrogate: KVzapModel | str | Path | None = None
     window_size: int = 128
     n_sink: int = 4
+    allocation: str = "global"
     _resolved: KVzapModel | None = field(default=None, init=False, repr=False)
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
+    _table: dict = field(default_factory=dict, init=False, repr=False)
+    # its __call__ only adds finish_prefill after the hooks, which a prefill replay runs too (pikv_press.prefill)
+    replays_with_finish_prefill = True
 
     def __post_init__(self):
         check_ratio(self, self.compression_ratio)
@@ -62,6 +80,8 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"KVzipSurrogatePress: {name} must be an integer >= 0, got {value!r}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"KVzipSurrogatePress: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}.")
         if self.surrogate is not None and not isinstance(self.surrogate, (KVzapModel, str, Path)):
             raise ValueError(f"KVzipSurrogatePress: surrogate must be a kvpress KVzapModel, the folder of one, or "
                              f"None, got {type(self.surrogate).__name__}.")
@@ -78,6 +98,16 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         from pikv_press.surrogate import check_fits
 
         super().post_init_from_model(model)
+        self._table = {}  # the global allocation's scores of this prefill
+        if self.allocation == "global":
+            from pikv_press.compat import attention_implementation, moe_anatomy_for_press
+
+            anatomy = moe_anatomy_for_press(model)
+            implementation = attention_implementation(anatomy) if anatomy is not None else None
+            if anatomy is not None and implementation != "sdpa":
+                raise ValueError(f"KVzipSurrogatePress(allocation='global') masks its evictions head-wise inside SDPA "
+                                 f"attention; this model runs {implementation!r} attention: load it with "
+                                 "attn_implementation='sdpa', or use allocation='head'.")
         if self._resolved is None:
             surrogate = self.surrogate
             if surrogate is None:
@@ -108,6 +138,43 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         with torch.no_grad():
             return module(hidden_states.float()).transpose(1, 2)
 
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[None]:
+        """The MoE-aware hooks; with ``allocation="global"``, the evictions are decided when the prefill is over."""
+        with super().__call__(model):
+            yield
+        self.finish_prefill(model)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.allocation == "head" or self.compression_ratio == 0:
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        self._table[int(module.layer_idx)] = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
+
+    def finish_prefill(self, model: nn.Module) -> None:
+        """``allocation="global"``: evict the lowest ``compression_ratio`` of every (layer, kv head, token) score
+        recorded during the prefill, as head-wise masks on each layer's attention (KVzip's ``compress_post``
+        allocation). Called on leaving ``with press(model):`` and at the end of a prefill replay."""
+        table, self._table = self._table, {}
+        if self.allocation != "global" or self.compression_ratio == 0 or not table:
+            return
+        from pikv_press.compat import moe_anatomy_for_press
+        from pikv_press.moe.anatomy import get_anatomy
+
+        anatomy = moe_anatomy_for_press(model) or get_anatomy(model)
+        layers = sorted(table)
+        scores = torch.stack([table[i][0].float().cpu() for i in layers])  # (layers, kv_heads, seq)
+        self._protect(scores, scores.max() + 1)  # above every layer's and head's score, as KVzip's sinks
+        _, heads, seq = scores.shape
+        pruned = torch.topk(-scores.reshape(-1), int(scores.numel() * self.compression_ratio)).indices
+        owner = pruned // (heads * seq)
+        for position, layer_idx in enumerate(layers):
+            entries = pruned[owner == position] % (heads * seq)
+            module = anatomy.attention(layer_idx)
+            module.masked_key_indices = (torch.zeros_like(entries), entries // seq, entries % seq)
+            headwise.mark(module)
+            headwise.move_masks(module)
+
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         check_batch_size_one(self, keys)
         scores = self.predicted_log_scores(int(module.layer_idx), hidden_states)
@@ -115,11 +182,14 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             raise ValueError(f"KVzipSurrogatePress: the surrogate scores {scores.shape[1]} kv heads x "
                              f"{scores.shape[2]} tokens, the layer caches {keys.shape[1]} x {keys.shape[2]}: it was "
                              "fitted for another model, or the prefill is chunked (score the whole context at once).")
+        return self._protect(scores, scores.amax(dim=-1, keepdim=True) + 1)
+
+    def _protect(self, scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """``scores`` (..., seq) with the sinks and the window ranked above ``top`` (in place): sinks first, then the
+        window, latest first, so that when the budget is smaller than the protected set the choice is
+        deterministic."""
         seq = scores.shape[-1]
         sink, window = min(self.n_sink, seq), min(self.window_size, seq)
-        # protected tokens rank above every predicted score, sinks first, then the window (latest first), so that
-        # when the budget is smaller than the protected set the choice is deterministic
-        top = scores.amax(dim=-1, keepdim=True) + 1
         if window:
             scores[..., seq - window:] = top + torch.arange(1, window + 1, device=scores.device, dtype=scores.dtype)
         if sink:
