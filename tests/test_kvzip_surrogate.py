@@ -242,17 +242,21 @@ def test_low_precision_models_score_in_float32(dtype):
 
 def test_a_saved_surrogate_loads_from_its_folder(tmp_path):
     model = get_model(FAMILY)
-    surrogate = _random_surrogate(model, seed=4)
+    surrogate = _random_surrogate(model, seed=4).double()  # the press scores with float32 copies, never moving it
     surrogate.save_pretrained(tmp_path)
     ids = _ids(40)
     caches = []
     for source in (surrogate, tmp_path, str(tmp_path)):
         cache = DynamicCache()
-        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=source)(model):
+        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=source, allocation="head")(model):
             model.model(input_ids=ids, past_key_values=cache)
         caches.append(cache)
+    assert all(p.dtype == torch.float64 for p in surrogate.parameters())
     for other in caches[1:]:
         assert all(torch.equal(a.keys, b.keys) for a, b in zip(caches[0].layers, other.layers, strict=True))
+    with pytest.raises(ValueError, match="config.json"), torch.no_grad(), \
+            KVzipSurrogatePress(0.5, surrogate=tmp_path / "missing")(model):
+        pass
 
 
 def test_bad_arguments_and_models_get_clear_errors():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +28,12 @@ def shipped_surrogate(model: nn.Module) -> Path | None:
     name = Path(str(getattr(model.config, "name_or_path", "") or "")).name
     folder = SURROGATES / name
     return folder if name and (folder / "config.json").exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _load(folder: str, modified: float) -> KVzapModel:
+    """A surrogate read from ``folder`` once per modification time (presses are rebuilt for every run)."""
+    return KVzapModel.from_pretrained(folder).eval()
 
 
 @dataclass
@@ -118,7 +126,11 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
                                      "`python -m evaluation.fit_kvzip_surrogate --model <model>` and pass "
                                      "surrogate=<its folder>.")
             if not isinstance(surrogate, KVzapModel):
-                surrogate = KVzapModel.from_pretrained(str(surrogate))
+                config = Path(surrogate) / "config.json"
+                if not config.exists():
+                    raise ValueError(f"KVzipSurrogatePress: {surrogate} is not the folder of a KVzapModel (no "
+                                     "config.json); save one with KVzapModel.save_pretrained(folder).")
+                surrogate = _load(str(Path(surrogate).resolve()), config.stat().st_mtime)
             self._resolved = surrogate.eval()
             self._on_device = {}
         check_fits(self._resolved, model)
@@ -128,8 +140,9 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             raise ValueError("KVzipSurrogatePress has not seen the model: use it as `with press(model):` or through "
                              "the pipeline.")
         key = (layer_idx, device)
-        if key not in self._on_device:  # fp32 copies, one per layer and device
-            self._on_device[key] = self._resolved.layers[layer_idx].to(device=device, dtype=torch.float32)
+        if key not in self._on_device:  # fp32 copies, one per layer and device (the surrogate itself is not moved)
+            self._on_device[key] = copy.deepcopy(self._resolved.layers[layer_idx]).to(device=device,
+                                                                                     dtype=torch.float32)
         return self._on_device[key]
 
     def predicted_log_scores(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
