@@ -2,7 +2,7 @@
 teacher-forced, resumable.
 
     python -m evaluation.needle_heatmap [--lengths 1024,2048,4096] [--depths 0,25,50,75,100]
-                                        [--presses no_press,expected_attention,tova,streaming_llm,kvzip]
+                                        [--presses no_press,expected_attention,tova,streaming_llm,kvzip,kvzip_surrogate]
                                         [--ratios 0.5,0.75] [--threads 1] [--report]
 
 One needle context per (length, depth) cell (:mod:`evaluation.data.niah`: Paul Graham essays, Kamradt's needle),
@@ -25,10 +25,10 @@ import pandas as pd
 from evaluation import cli, evaluate
 from evaluation.models import EMBEDDED, model_tag
 
-DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm,kvzip"
+DEFAULT_PRESSES = "no_press,expected_attention,tova,streaming_llm,kvzip,kvzip_surrogate"
 # PiKVPress keeps exactly what the registry's tova (MoE-correct TOVA) keeps: its runs are those
 LABELS = {"tova": "PiKVPress = tova", "pikv": "PiKVPress", "expected_attention": "AdaKV + ExpectedAttention",
-          "kvzip": "KVzip (MoE-correct)"}
+          "kvzip": "KVzip (MoE-correct)", "kvzip_surrogate": "KVzip surrogate"}
 
 
 def collect(output_dir: Path, model: str) -> pd.DataFrame:
