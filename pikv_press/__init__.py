@@ -25,7 +25,8 @@ Public API
 - :mod:`pikv_press.kernels`: Triton kernels beside their torch references (``PIKV_KERNELS=auto|torch|triton``).
 - :class:`PiKVPress` (TOVA made MoE-correct, the best press on the RULER-4k headline: routing did not help in the
   ablations), :class:`AdaKVExpectedAttentionPress` (ExpectedAttention under AdaKV's head-wise budgets with exact
-  masks: better at 1k tokens) and the experimental
+  masks: better at 1k tokens), :class:`KVzipSurrogatePress` (KVzip's scores predicted by a linear surrogate fitted
+  per model, the KVzap recipe; :mod:`pikv_press.surrogate` fits one) and the experimental
   routing presses :class:`ExpertBalancedPress`, :class:`RouterAffinityPress`, :class:`RoutingNoveltyPress`,
   :class:`RoutingLayerBudgetPress`.
 - :func:`use_dense_masked_experts`: run a model's routed experts as two dense matmuls (faster on CPUs).
