@@ -41,7 +41,7 @@ def can_replay(press: BasePress, model: nn.Module | None = None) -> bool:
             return False
         cls = type(inner)
         # a press with its own __call__ runs extra forward passes or hooks elsewhere (KVzip, Finch, ...)
-        # (a press whose __call__ only adds a step after the prefill says so with `finish_prefill`, which replay runs)
+        # (a press whose __call__ only adds steps around the hooks says so; replay runs begin_/finish_prefill)
         if cls.__call__ not in (BasePress.__call__, compat._ORIGINAL_CALL, compat._moe_aware_call) and not (
                 getattr(cls, "replays_with_finish_prefill", False)):
             return False
@@ -113,25 +113,28 @@ class PrefillSnapshot:
             anatomy = compat.moe_anatomy_for_press(self.model)
             if anatomy is None:
                 press.post_init_from_model(self.model)  # as kvpress's own __call__ does
+            # a press that decides once the whole prefill is seen (KVzipSurrogatePress) brackets the hooks
+            begin, finish = getattr(press, "begin_prefill", None), getattr(press, "finish_prefill", None)
             with compat.press_scope(press, self.model, anatomy) as caches:
                 caches.append(cache)
+                if begin is not None:
+                    begin()
                 if anatomy is None:
                     self._replay_plain(press, cache)
-                    return cache
-                routed = compat.needs_routing(press)
-                if routed and not self.routing:
-                    raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
-                                     "holds none: record the prefill with PrefillRecorder on an MoE model.")
-                views = compat.make_views(anatomy)
-                if routed:
-                    compat.plan_layers(press, self.routing, sorted(views))
-                for idx, view in views.items():
-                    kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
-                    if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
-                        kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
-                    compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
-                finish = getattr(press, "finish_prefill", None)
-                if finish is not None:  # a press that decides once the whole prefill is seen (KVzipSurrogatePress)
+                else:
+                    routed = compat.needs_routing(press)
+                    if routed and not self.routing:
+                        raise ValueError(f"{type(press).__name__} reads the routing of each layer, and this record "
+                                         "holds none: record the prefill with PrefillRecorder on an MoE model.")
+                    views = compat.make_views(anatomy)
+                    if routed:
+                        compat.plan_layers(press, self.routing, sorted(views))
+                    for idx, view in views.items():
+                        kwargs = dict(self.layers[idx].kwargs, past_key_values=cache)
+                        if routed:  # as the live hooks hand it over (compat._RoutedHooks), in the same layer order
+                            kwargs[compat.ROUTING_KWARG] = self.routing[compat.routing_source_layer(anatomy, idx)]
+                        compat.press_hook(press, view)(view.module, (), kwargs, (None, self.layers[idx].attentions))
+                if finish is not None:
                     finish(self.model)
         return cache
 

@@ -334,3 +334,41 @@ def test_the_surrogate_shipped_for_the_embedded_model_has_its_shape():
     assert surrogate.config.hidden_dim is None and surrogate.config.fit_corpus == "lee_background"
     assert all(torch.isfinite(p).all() for p in surrogate.parameters())
     assert shipped_surrogate(SimpleNamespace(config=SimpleNamespace(name_or_path="org/other-model"))) is None
+
+
+def test_global_allocation_on_a_dense_model_live_and_replayed():
+    """On a dense model (kvpress's own hooks) the global allocation masks the same entries live and in replay."""
+    model = get_model("llama")
+    ids = _ids(40, seed=7)
+    surrogate = _random_surrogate(model, seed=8)
+    masks = []
+    try:
+        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=4, n_sink=2)(model):
+            model.model(input_ids=ids, past_key_values=DynamicCache())
+        masks.append(_masks(model))
+        _clear_masks(model)
+        with torch.no_grad(), PrefillRecorder(model) as recorder:
+            model.model(input_ids=ids, past_key_values=DynamicCache())
+        recorder.snapshot.replay(KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=4, n_sink=2))
+        masks.append(_masks(model))
+    finally:
+        _clear_masks(model)
+    heads = model.config.num_key_value_heads
+    assert sum(len(m[2]) for m in masks[0]) == int(len(masks[0]) * heads * 40 * 0.5)
+    for a, b in zip(*masks, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not press_hooks(model)
+
+
+def test_global_allocation_refuses_to_run_nested_where_it_could_not_finish():
+    """Inside ComposedPress nothing would call finish_prefill: a clear error instead of a press that does nothing."""
+    from kvpress import ComposedPress
+
+    from pikv_press import MoEAware
+
+    model = get_model(FAMILY)
+    press = MoEAware(ComposedPress([KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))]))
+    with pytest.raises(ValueError, match="outermost press"), torch.no_grad(), press(model):
+        model.model(input_ids=_ids(32), past_key_values=DynamicCache())
+    assert not press_hooks(model)
+    _clear_masks(model)

@@ -65,7 +65,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
 
     What differs from KVzap: a compression ratio instead of KVzap's score threshold; the targets are plain KVzip
     scores, not KVzip+; and the surrogate shipped for the embedded model was fitted on news articles (the Lee
-    corpus), not on the text it is evaluated on (README, "KVzip surrogate").
+    corpus), not on the text it is evaluated on (README, "Routing-aware presses").
 
     Parameters
     ----------
@@ -87,7 +87,9 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
     _resolved: KVzapModel | None = field(default=None, init=False, repr=False)
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
     _table: dict = field(default_factory=dict, init=False, repr=False)
-    # its __call__ only adds finish_prefill after the hooks, which a prefill replay runs too (pikv_press.prefill)
+    _begun: bool = field(default=False, init=False, repr=False)
+    # its __call__ only adds begin_prefill / finish_prefill around the hooks, which a prefill replay runs too
+    # (pikv_press.prefill)
     replays_with_finish_prefill = True
 
     def __post_init__(self):
@@ -114,7 +116,6 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         from pikv_press.surrogate import check_fits
 
         super().post_init_from_model(model)
-        self._table = {}  # the global allocation's scores of this prefill
         if self.allocation == "global":
             from pikv_press.compat import attention_implementation, moe_anatomy_for_press
 
@@ -162,13 +163,26 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[None]:
         """The MoE-aware hooks; with ``allocation="global"``, the evictions are decided when the prefill is over."""
-        with super().__call__(model):
-            yield
-        self.finish_prefill(model)
+        self.begin_prefill()
+        try:
+            with super().__call__(model):
+                yield
+            self.finish_prefill(model)
+        finally:
+            self._begun, self._table = False, {}
+
+    def begin_prefill(self) -> None:
+        """Start collecting the global allocation's scores (``with press(model):`` and a prefill replay call it)."""
+        self._begun, self._table = True, {}
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.allocation == "head" or self.compression_ratio == 0:
             return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        if not self._begun:
+            raise ValueError("KVzipSurrogatePress(allocation='global') decides its evictions once the whole prefill "
+                             "is scored, so it runs as the outermost press (`with press(model):`, the pipeline or a "
+                             "prefill replay), not inside another press such as ComposedPress: use "
+                             "allocation='head' there.")
         self._table[int(module.layer_idx)] = self.score(module, hidden_states, keys, values, attentions, kwargs)
         return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
 
@@ -176,7 +190,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         """``allocation="global"``: evict the lowest ``compression_ratio`` of every (layer, kv head, token) score
         recorded during the prefill, as head-wise masks on each layer's attention (KVzip's ``compress_post``
         allocation). Called on leaving ``with press(model):`` and at the end of a prefill replay."""
-        table, self._table = self._table, {}
+        table, self._table, self._begun = self._table, {}, False
         if self.allocation != "global" or self.compression_ratio == 0 or not table:
             return
         from pikv_press.compat import moe_anatomy_for_press
