@@ -97,12 +97,12 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "expert_balanced_streaming_llm": lambda: pikv_presses.ExpertBalancedPress(press=kp.StreamingLLMPress()),
     "router_affinity": pikv_presses.RouterAffinityPress,
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
-    # the routing-novelty feature on AdaKVExpectedAttentionPress's composition: AdaKV's head-wise budgets over
-    # novelty x ExpectedAttention
-    # the surrogate with the same share in every head (evicted rows freed), and under AdaKV's head-wise budgets
+    # the KVzip surrogate with the same share in every head (evicted rows freed)
     "kvzip_surrogate_head": lambda: pikv_presses.KVzipSurrogatePress(allocation="head"),
     # AdaKV's head-wise budgets over the surrogate's predicted log KVzip scores (comparable across heads)
     "adakv_kvzip_surrogate": lambda: pikv_press.MoEAware(kp.AdaKVPress(pikv_presses.KVzipSurrogatePress())),
+    # the routing-novelty feature on AdaKVExpectedAttentionPress's composition: AdaKV's head-wise budgets over
+    # novelty x ExpectedAttention
     "routing_novelty_expected_attention": lambda: pikv_press.MoEAware(kp.AdaKVPress(
         pikv_presses.RoutingNoveltyPress(press=kp.ExpectedAttentionPress(epsilon=1e-2)))),
 }

@@ -372,3 +372,25 @@ def test_global_allocation_refuses_to_run_nested_where_it_could_not_finish():
         model.model(input_ids=_ids(32), past_key_values=DynamicCache())
     assert not press_hooks(model)
     _clear_masks(model)
+
+
+def test_fit_script_packs_whole_articles_and_measures_agreement(tokenizer):
+    from evaluation.fit_kvzip_surrogate import agreement, pack_contexts
+
+    articles = [f"article {i} " + "word " * (5 + i % 7) for i in range(40)]
+    contexts = pack_contexts(articles, tokenizer, length=60, count=3)
+    assert len(contexts) == 3
+    for context in contexts:
+        parts = context.split("\n\n")
+        assert all(part in articles for part in parts)  # whole articles, none cut
+        assert len(tokenizer.encode(context, add_special_tokens=False)) <= 60 + len(parts)
+    assert pack_contexts(articles, tokenizer, length=60, count=3) == contexts  # seeded
+    with pytest.raises(ValueError, match="fewer"):
+        pack_contexts(articles, tokenizer, length=60, count=1000)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 64, 5, generator=g)
+    weights = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    target = (hidden.double() @ weights[:, :-1] + weights[:, -1:]).float()
+    rows = [{"hidden": hidden, "target": target}]
+    assert agreement(weights, rows, 0.25) == 1.0  # the exact map ranks like the targets
+    assert agreement(-weights, rows, 0.25) == 0.0  # the reversed ranking shares nothing
