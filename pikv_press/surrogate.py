@@ -70,6 +70,7 @@ def collect(model: torch.nn.Module, tokenizer, context_ids: torch.Tensor, skip_f
     from transformers import DynamicCache
 
     from pikv_press.compat import moe_anatomy_for_press
+    from pikv_press.prefill import PrefillRecorder
 
     anatomy = moe_anatomy_for_press(model)
     if anatomy is None:
@@ -81,28 +82,19 @@ def collect(model: torch.nn.Module, tokenizer, context_ids: torch.Tensor, skip_f
         raise ValueError(f"collect() takes one context, shaped (1, seq); got {tuple(context_ids.shape)}.")
     if context_ids.shape[1] <= skip_first:
         raise ValueError(f"the context has {context_ids.shape[1]} tokens, not more than skip_first={skip_first}.")
-    hidden: dict[int, torch.Tensor] = {}
-
-    def recorder(layer_idx):
-        def hook(module, args, kwargs):
-            if layer_idx not in hidden:  # the prefill only, not the reconstruction passes
-                hidden[layer_idx] = kwargs["hidden_states"].detach()[0].double()
-        return hook
-
-    handles = [anatomy.attention(i).register_forward_pre_hook(recorder(i), with_kwargs=True)
-               for i in range(anatomy.num_layers)]
-    cache = DynamicCache()
+    # the recorded attention inputs are the very tensors a press's hooks receive (live and in replay)
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        anatomy.language_model(input_ids=context_ids, past_key_values=DynamicCache())
+    snapshot = recorder.snapshot
     try:
         with torch.no_grad():
-            anatomy.language_model(input_ids=context_ids, past_key_values=cache)
             kvzip._prepare(press, tokenizer)
-            scores = kvzip._scores(press, anatomy, tokenizer, context_ids, cache)  # (layers, 1, kv_heads, seq)
+            scores = kvzip._scores(press, anatomy, tokenizer, context_ids, snapshot.full_cache())
     finally:
-        for handle in handles:
-            handle.remove()
         press._reset_internal_parameters()
     targets = scores[:, 0].double().clamp_min(SCORE_FLOOR).log().transpose(1, 2)  # (layers, seq, kv_heads)
-    xs = torch.stack([_with_bias(hidden[i]) for i in range(anatomy.num_layers)])  # (layers, seq, d + 1)
+    xs = torch.stack([_with_bias(snapshot.layers[i].kwargs["hidden_states"][0].double())
+                      for i in range(anatomy.num_layers)])  # (layers, seq, d + 1)
     xs, targets = xs[:, skip_first:], targets[:, skip_first:]
     stats = SurrogateStats(xtx=xs.transpose(1, 2) @ xs, xty=xs.transpose(1, 2) @ targets,
                            yty=(targets ** 2).sum(1), count=xs.shape[1])

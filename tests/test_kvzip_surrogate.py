@@ -38,23 +38,10 @@ def _kept(full: torch.Tensor, kept: torch.Tensor) -> set[int]:
 
 
 def _attention_inputs(model, ids) -> dict[int, torch.Tensor]:
-    anatomy = get_anatomy(model)
-    seen: dict[int, torch.Tensor] = {}
-
-    def record(layer):
-        def hook(module, args, kwargs):
-            seen.setdefault(layer, kwargs["hidden_states"].detach().clone())
-        return hook
-
-    handles = [anatomy.attention(i).register_forward_pre_hook(record(i), with_kwargs=True)
-               for i in range(anatomy.num_layers)]
-    try:
-        with torch.no_grad():
-            model.model(input_ids=ids, past_key_values=DynamicCache())
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    """Each layer's attention input of a prefill of ``ids`` (what a press's hooks receive)."""
+    with torch.no_grad(), PrefillRecorder(model) as recorder:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    return {i: layer.kwargs["hidden_states"] for i, layer in recorder.snapshot.layers.items()}
 
 
 def test_solve_recovers_an_exact_linear_map_and_mse_matches_the_rows():
@@ -394,3 +381,18 @@ def test_fit_script_packs_whole_articles_and_measures_agreement(tokenizer):
     rows = [{"hidden": hidden, "target": target}]
     assert agreement(weights, rows, 0.25) == 1.0  # the exact map ranks like the targets
     assert agreement(-weights, rows, 0.25) == 0.0  # the reversed ranking shares nothing
+
+
+def test_the_fit_writes_where_the_press_looks():
+    """fit_kvzip_surrogate's output folder is the one shipped_surrogate finds from the loaded model's name_or_path
+    (the embedded model is loaded from ``<cache>/models/<artifact>``)."""
+    from types import SimpleNamespace
+
+    from evaluation.embedded_model.build import default_model_dir
+    from evaluation.fit_kvzip_surrogate import surrogate_folder
+    from evaluation.models import embedded_artifact
+    from pikv_press.presses.kvzip_surrogate import shipped_surrogate
+
+    loaded = SimpleNamespace(config=SimpleNamespace(name_or_path=str(default_model_dir(embedded_artifact("embedded")))))
+    assert surrogate_folder("embedded") == shipped_surrogate(loaded)
+    assert surrogate_folder("org/some-moe").name == "some-moe"
