@@ -114,12 +114,18 @@ class RoutingScorerPress(_MoEAwareBase, ScorerPress):
         return ids.to(keys.device)
 
 
+def counted_experts(ids: torch.Tensor, experts_per_token: int | None) -> torch.Tensor:
+    """``(seq, m)``: each token's first ``m`` routed experts (``m = experts_per_token``, all routed experts when
+    ``None``), the experts a routing feature counts."""
+    return ids if experts_per_token is None else ids[:, :experts_per_token]
+
+
 def membership(ids: torch.Tensor, num_experts: int, experts_per_token: int | None) -> torch.Tensor:
     """``(seq, num_experts)`` float32: each token's share of each expert, ``1 / m`` for each of its first ``m``
-    routed experts (``m = experts_per_token``, all routed experts when ``None``)."""
-    m = ids.shape[1] if experts_per_token is None else min(experts_per_token, ids.shape[1])
+    routed experts (:func:`counted_experts`)."""
+    chosen = counted_experts(ids, experts_per_token)
     member = torch.zeros(ids.shape[0], num_experts, device=ids.device, dtype=torch.float32)
-    return member.scatter_(1, ids[:, :m], 1.0 / m)
+    return member.scatter_(1, chosen, 1.0 / chosen.shape[1])
 
 
 def quantiles(values: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pikv_press.kernels._dispatch import true_divide
-from pikv_press.presses.base import RoutingFeaturePress
+from pikv_press.presses.base import RoutingFeaturePress, counted_experts
 
 
 @dataclass
@@ -46,8 +46,8 @@ class RouterAffinityPress(RoutingFeaturePress):
         from integer counts (the window's tokens on each of the token's experts) and one final division, so that
         equal affinities are equal bit for bit on every device (a float product ``member @ target`` rounds
         differently on a GPU, which split ties and changed the kept tokens)."""
-        m = ids.shape[1] if self.experts_per_token is None else min(self.experts_per_token, ids.shape[1])
-        chosen = ids[:, :m].long()
+        chosen = counted_experts(ids, self.experts_per_token).long()
+        m = chosen.shape[1]
         window = chosen[-self.window_size:]
         counts = torch.bincount(window.reshape(-1), minlength=self.anatomy.num_experts)
         hits = counts[chosen].sum(dim=1)
