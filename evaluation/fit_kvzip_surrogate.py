@@ -77,6 +77,16 @@ def pack_contexts(articles: list[str], tokenizer, length: int, count: int, seed:
     return contexts
 
 
+def surrogate_folder(model_name: str) -> Path:
+    """Where the surrogate of ``model_name`` is shipped: ``pikv_press/surrogates/<the last part of the loaded model's
+    name_or_path>``, which :func:`pikv_press.presses.kvzip_surrogate.shipped_surrogate` looks up (the artifact's
+    build folder for the embedded model and its variants, the path's or hub id's last part otherwise)."""
+    from evaluation.models import embedded_artifact
+
+    artifact = embedded_artifact(model_name)
+    return SURROGATES / (artifact if artifact is not None else Path(model_name).name)
+
+
 def _stats_path(output_dir: Path, index: int) -> Path:
     return output_dir / "stats" / f"context_{index:03d}.pt"
 
@@ -124,7 +134,7 @@ def agreement(weights: torch.Tensor, rows: list[dict], keep: float) -> float:
 
 
 def fit(model_name: str, count: int, holdout: int, output_dir: Path, length: int) -> Path:
-    from evaluation.models import load_model, model_tag
+    from evaluation.models import model_tag
     from pikv_press.surrogate import solve, to_kvzap_model
 
     train_stats, _, train_tokens = _load(output_dir, range(count - holdout))
@@ -154,8 +164,7 @@ def fit(model_name: str, count: int, holdout: int, output_dir: Path, length: int
     everything = train + test
     surrogate = to_kvzap_model(solve(everything, ridge), fit_corpus="lee_background", fit_contexts=count,
                                fit_context_length=length, fit_ridge=ridge, fit_heldout_r2=round(row[1], 4))
-    model, _, _ = load_model(model_name)
-    folder = SURROGATES / Path(model.config.name_or_path).name
+    folder = surrogate_folder(model_name)
     surrogate.save_pretrained(folder)
     lines += ["", f"Written to `{folder.relative_to(SURROGATES.parents[1])}`. Command: `python -m "
               f"evaluation.fit_kvzip_surrogate --model {model_name} --contexts {count} --length {length} "
