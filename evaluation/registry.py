@@ -99,6 +99,8 @@ PIKV_ABLATION_REGISTRY: dict[str, Callable[[], BasePress | None]] = {
     "routing_novelty": pikv_presses.RoutingNoveltyPress,
     # the KVzip surrogate with the same share in every head (evicted rows freed)
     "kvzip_surrogate_head": lambda: pikv_presses.KVzipSurrogatePress(allocation="head"),
+    # the global ranking's share per layer, the same share in each of its heads (evicted rows freed)
+    "kvzip_surrogate_layer": lambda: pikv_presses.KVzipSurrogatePress(allocation="layer"),
     # AdaKV's head-wise budgets over the surrogate's predicted log KVzip scores (comparable across heads)
     "adakv_kvzip_surrogate": lambda: pikv_press.MoEAware(kp.AdaKVPress(pikv_presses.KVzipSurrogatePress())),
     # the routing-novelty feature on AdaKVExpectedAttentionPress's composition: AdaKV's head-wise budgets over

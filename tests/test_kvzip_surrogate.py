@@ -3,6 +3,8 @@ keeps exactly the tokens the surrogate ranks best (plus sinks and window), repla
 and refuses what it cannot do."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from kvpress.presses.kvzap_press import KVzapModel
@@ -150,7 +152,7 @@ def _clear_masks(model):
         layer.self_attn.masked_key_indices = None
 
 
-@pytest.mark.parametrize("allocation", ["head", "global"])
+@pytest.mark.parametrize("allocation", ["head", "layer", "global"])
 def test_replay_equals_the_plain_path(allocation):
     model = get_model(FAMILY)
     ids = _ids(48, seed=2)
@@ -169,7 +171,7 @@ def test_replay_equals_the_plain_path(allocation):
         _clear_masks(model)
     for a, b in zip(plain.layers, replayed.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    assert (plain_masks[0] is None) == (allocation == "head")
+    assert (plain_masks[0] is None) == (allocation != "global")
     for a, b in zip(plain_masks, replayed_masks, strict=True):
         assert (a is None and b is None) or all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -215,6 +217,80 @@ def test_global_allocation_evicts_the_lowest_predicted_entries_of_all_layers_and
     assert total == n_pruned and len(shares) > 1
 
 
+def _reference_table(model, surrogate, ids, n_sink: int, window: int) -> torch.Tensor:
+    """``(layers, kv_heads, seq)``: the surrogate's scores of every layer, sinks and window above all of them."""
+    hidden = _attention_inputs(model, ids)
+    table = []
+    for layer in range(get_anatomy(model).num_layers):
+        scores = surrogate.layers[layer](hidden[layer].float()).transpose(1, 2)[0]
+        top = scores.amax(-1, keepdim=True) + 1
+        scores[:, :n_sink] = top + 1000
+        scores[:, scores.shape[1] - window:] = top + 500
+        table.append(scores)
+    return torch.stack(table)
+
+
+@pytest.mark.parametrize("family", [FAMILY, "deepseek_v3", "glm4_moe"])
+def test_layer_allocation_frees_the_rows_the_global_ranking_takes_from_each_layer(family):
+    """allocation="layer": each layer gives up, from every kv head, its share of the lowest entries of the global
+    ranking (largest remainder), the layers end up with different lengths, the total is exact, every head keeps its
+    best-predicted tokens as rows of the full cache (in the cache's own layout: MLA and partial RoPE too), and the
+    ragged cache decodes."""
+    model = get_model(family)
+    seq, ratio = 64, 0.55
+    ids = _ids(seq, seed=9)
+    surrogate = _random_surrogate(model, seed=10)
+    table = _reference_table(model, surrogate, ids, n_sink=2, window=8)
+    n_layers, heads, _ = table.shape
+    total = int(n_layers * seq * ratio)
+    threshold = table.reshape(-1).sort().values[total * heads - 1]
+    share = (table <= threshold).sum(dim=(1, 2)).double() / heads
+    expected = share.floor().long()
+    for i in sorted(range(n_layers), key=lambda i: (-float(share[i] - expected[i]), i))[: total - int(expected.sum())]:
+        expected[i] += 1
+    with torch.no_grad():
+        full = DynamicCache()
+        model.model(input_ids=ids, past_key_values=full)
+        cache = DynamicCache()
+        with KVzipSurrogatePress(ratio, surrogate=surrogate, window_size=8, n_sink=2, allocation="layer")(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        assert _masks(model) == [None] * n_layers
+        assert {hook.__name__ for hook in press_hooks(model)} == {"fit_mask_to_layer"}  # while the ragged cache lives
+        lengths = [layer.keys.shape[2] for layer in cache.layers]
+        assert lengths == [seq - int(k) for k in expected] and len(set(lengths)) > 1
+        assert sum(seq - n for n in lengths) == total
+        for layer, (kept, every) in enumerate(zip(cache.layers, full.layers, strict=True)):
+            for head in range(heads):
+                best = set(table[layer, head].topk(lengths[layer]).indices.tolist())
+                assert _kept(every.keys[0, head], kept.keys[0, head]) == best
+                # values carry no position (a repeated token repeats them): each kept row is its key's token's value
+                order = [int((every.keys[0, head] == row).all(-1).nonzero()[0]) for row in kept.keys[0, head]]
+                assert torch.equal(kept.values[0, head], every.values[0, head, order])
+        step = model(input_ids=_ids(1, seed=11), past_key_values=cache).logits
+    assert torch.isfinite(step).all()
+    assert [layer.keys.shape[2] for layer in cache.layers] == [n + 1 for n in lengths]
+    del cache
+    gc.collect()
+    assert not press_hooks(model)
+
+
+def test_layer_allocation_runs_with_any_attention_and_the_memory_is_freed():
+    """Unlike "global", "layer" evicts rows: eager attention works, and the cache's bytes shrink by the ratio."""
+    from pikv_press.cache.stats import cache_nbytes
+
+    model = get_model(FAMILY, "eager")
+    seq = 80
+    surrogate = _random_surrogate(model, seed=12)
+    full, cache = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=_ids(seq), past_key_values=full)
+        with KVzipSurrogatePress(0.75, surrogate=surrogate, allocation="layer", window_size=4)(model):
+            model.model(input_ids=_ids(seq), past_key_values=cache)
+    n_layers = len(cache.layers)
+    kept = n_layers * seq - int(n_layers * seq * 0.75)
+    assert cache_nbytes(cache) * n_layers * seq == cache_nbytes(full) * kept
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_score_in_float32(dtype):
     model = get_model(FAMILY)
@@ -258,7 +334,7 @@ def test_bad_arguments_and_models_get_clear_errors():
     with pytest.raises(ValueError, match="n_sink"):
         KVzipSurrogatePress(0.5, n_sink=1.5)
     with pytest.raises(ValueError, match="allocation"):
-        KVzipSurrogatePress(0.5, allocation="layer")
+        KVzipSurrogatePress(0.5, allocation="layers")
     with pytest.raises(ValueError, match="sdpa"), torch.no_grad(), \
             KVzipSurrogatePress(0.5, surrogate=_random_surrogate(model))(get_model(FAMILY, "eager")):
         pass

@@ -19,7 +19,7 @@ from pikv_press.compat import _MoEAwareBase
 from pikv_press.presses.base import check_batch_size_one, check_ratio
 
 SURROGATES = Path(__file__).resolve().parents[1] / "surrogates"
-ALLOCATIONS = ("head", "global")
+ALLOCATIONS = ("head", "layer", "global")
 
 
 def shipped_surrogate(model: nn.Module) -> Path | None:
@@ -51,6 +51,11 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
       are exact head-wise masks in SDPA attention (:mod:`pikv_press.attention.headwise`), set when the prefill is
       over, as KVzip's: the cache keeps the masked rows in memory (KVzip in kvpress does the same), so this saves
       attention reads, not bytes.
+    * ``"layer"``: KVzip's allocation across layers, with the bytes freed. The same global ranking decides how many
+      entries each layer gives up; each layer then evicts that many divided by its kv heads from every head (its
+      lowest-predicted tokens in that head), rows freed in any cache, once the prefill is over. In all,
+      ``int(layers * seq * compression_ratio)`` tokens per kv head are removed, split across layers by largest
+      remainder. The full cache of every layer is held until the prefill ends, as in ``"global"``.
     * ``"head"``: every head of every layer keeps its best-predicted ``1 - compression_ratio`` of the tokens
       (kvpress's ``ScorerPress``), so the keys and values are physically smaller in any cache.
 
@@ -75,8 +80,9 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         ``ValueError`` says how to fit one where there is none).
     window_size : the most recent context tokens, always kept.
     n_sink : the first context tokens, always kept.
-    allocation : ``"global"`` (KVzip's ranking across layers and heads, head-wise masks) or ``"head"`` (the same
-        share in every head, evicted rows freed).
+    allocation : ``"global"`` (KVzip's ranking across layers and heads, head-wise masks), ``"layer"`` (the global
+        ranking's share per layer, the same share in each of its heads, evicted rows freed) or ``"head"`` (the same
+        share in every head of every layer, evicted rows freed).
     """
 
     compression_ratio: float = 0.0
@@ -87,6 +93,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
     _resolved: KVzapModel | None = field(default=None, init=False, repr=False)
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
     _table: dict = field(default_factory=dict, init=False, repr=False)
+    _layers: dict = field(default_factory=dict, init=False, repr=False)
     _begun: bool = field(default=False, init=False, repr=False)
     # its __call__ only adds begin_prefill / finish_prefill around the hooks, which a prefill replay runs too
     # (pikv_press.prefill)
@@ -124,7 +131,8 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             if anatomy is not None and implementation != "sdpa":
                 raise ValueError(f"KVzipSurrogatePress(allocation='global') masks its evictions head-wise inside SDPA "
                                  f"attention; this model runs {implementation!r} attention: load it with "
-                                 "attn_implementation='sdpa', or use allocation='head'.")
+                                 "attn_implementation='sdpa', or use allocation='layer' or 'head' (rows evicted, "
+                                 "any attention).")
         if self._resolved is None:
             surrogate = self.surrogate
             if surrogate is None:
@@ -167,40 +175,52 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         try:
             with super().__call__(model):
                 yield
-            self.finish_prefill(model)
+                # inside the hooks' scope: a cache that "layer" leaves ragged keeps its mask fitting (compat)
+                self.finish_prefill(model)
         finally:
-            self._begun, self._table = False, {}
+            self._begun, self._table, self._layers = False, {}, {}
 
     def begin_prefill(self) -> None:
-        """Start collecting the global allocation's scores (``with press(model):`` and a prefill replay call it)."""
-        self._begun, self._table = True, {}
+        """Start collecting the scores of every layer (``with press(model):`` and a prefill replay call it)."""
+        self._begun, self._table, self._layers = True, {}, {}
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.allocation == "head" or self.compression_ratio == 0:
             return super().compress(module, hidden_states, keys, values, attentions, kwargs)
         if not self._begun:
-            raise ValueError("KVzipSurrogatePress(allocation='global') decides its evictions once the whole prefill "
+            raise ValueError(f"KVzipSurrogatePress(allocation={self.allocation!r}) decides its evictions once the "
+                             "whole prefill "
                              "is scored, so it runs as the outermost press (`with press(model):`, the pipeline or a "
                              "prefill replay), not inside another press such as ComposedPress: use "
                              "allocation='head' there.")
-        self._table[int(module.layer_idx)] = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        layer_idx = int(module.layer_idx)
+        self._table[layer_idx] = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        if self.allocation == "layer":  # the layer finish_prefill will cut, in the layout its attention stores
+            self._layers[layer_idx] = (kwargs["past_key_values"].layers[layer_idx], getattr(module, "layout", None))
         return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
 
     def finish_prefill(self, model: nn.Module) -> None:
-        """``allocation="global"``: evict the lowest ``compression_ratio`` of every (layer, kv head, token) score
-        recorded during the prefill, as head-wise masks on each layer's attention (KVzip's ``compress_post``
-        allocation). Called on leaving ``with press(model):`` and at the end of a prefill replay."""
-        table, self._table, self._begun = self._table, {}, False
-        if self.allocation != "global" or self.compression_ratio == 0 or not table:
+        """Rank the scores of every (layer, kv head, token) recorded during the prefill together (KVzip's
+        ``compress_post`` allocation) and evict: ``"global"``, the lowest ``compression_ratio`` of all entries, as
+        head-wise masks on each layer's attention; ``"layer"``, as many tokens per head from each layer as the
+        ranking takes from it, rows freed. Called on leaving ``with press(model):`` and at the end of a prefill
+        replay."""
+        table, layers_, self._table, self._layers, self._begun = self._table, self._layers, {}, {}, False
+        if self.allocation == "head" or self.compression_ratio == 0 or not table:
+            return
+        layers = sorted(table)
+        scores = torch.stack([table[i][0].float().cpu() for i in layers])  # (layers, kv_heads, seq)
+        self._protect(scores, scores.max() + 1)  # above every layer's and head's score, as KVzip's sinks
+        n_layers, heads, seq = scores.shape
+        if self.allocation == "layer":
+            evicted = self.layer_evictions(scores)
+            for position, layer_idx in enumerate(layers):
+                self._evict_rows(*layers_[layer_idx], scores[position], seq - int(evicted[position]))
             return
         from pikv_press.compat import moe_anatomy_for_press
         from pikv_press.moe.anatomy import get_anatomy
 
         anatomy = moe_anatomy_for_press(model) or get_anatomy(model)
-        layers = sorted(table)
-        scores = torch.stack([table[i][0].float().cpu() for i in layers])  # (layers, kv_heads, seq)
-        self._protect(scores, scores.max() + 1)  # above every layer's and head's score, as KVzip's sinks
-        _, heads, seq = scores.shape
         pruned = torch.topk(-scores.reshape(-1), int(scores.numel() * self.compression_ratio)).indices
         owner = pruned // (heads * seq)
         for position, layer_idx in enumerate(layers):
@@ -209,6 +229,41 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             module.masked_key_indices = (torch.zeros_like(entries), entries // seq, entries % seq)
             headwise.mark(module)
             headwise.move_masks(module)
+
+    def layer_evictions(self, scores: torch.Tensor) -> torch.Tensor:
+        """``allocation="layer"``: the tokens each layer evicts from every kv head, ``(layers,)``, from the protected
+        scores ``(layers, kv_heads, seq)``. The lowest ``int(layers * seq * compression_ratio) * kv_heads`` entries
+        of all layers and heads are found as in ``"global"``; a layer's share of them, divided by its heads, is
+        rounded by largest remainder (ties: the earlier layer), so the counts add up to exactly
+        ``int(layers * seq * compression_ratio)``."""
+        n_layers, heads, seq = scores.shape
+        total = int(n_layers * seq * self.compression_ratio)
+        pruned = torch.topk(-scores.reshape(-1), total * heads).indices
+        share = torch.bincount(pruned // (heads * seq), minlength=n_layers).double() / heads
+        counts = share.floor().long()
+        remainder = share - counts
+        order = sorted(range(n_layers), key=lambda i: (-float(remainder[i]), i))
+        for i in order[: total - int(counts.sum())]:
+            counts[i] += 1
+        return counts
+
+    @staticmethod
+    def _evict_rows(layer, layout, scores: torch.Tensor, n_kept: int) -> None:
+        """Keep the ``n_kept`` best-scored tokens of every head of one cache layer (rows freed), in its own layout."""
+        from pikv_press.cache.layers import layer_access
+
+        access = layer_access(layer)
+        keys, values = access.read()
+        if layout is not None:
+            keys, values = layout.keys_to_canonical(keys), layout.values_to_canonical(values)
+        if n_kept == keys.shape[2]:
+            return
+        index = scores.to(keys.device).topk(n_kept, dim=-1).indices[None, :, :, None]  # as kvpress's ScorerPress
+        keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])).contiguous()
+        values = values.gather(2, index.expand(-1, -1, -1, values.shape[-1])).contiguous()
+        if layout is not None:
+            keys, values = layout.keys_from_canonical(keys), layout.values_from_canonical(values)
+        access.write(keys, values)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         check_batch_size_one(self, keys)
