@@ -472,3 +472,31 @@ def test_the_fit_writes_where_the_press_looks():
     loaded = SimpleNamespace(config=SimpleNamespace(name_or_path=str(default_model_dir(embedded_artifact("embedded")))))
     assert surrogate_folder("embedded") == shipped_surrogate(loaded)
     assert surrogate_folder("org/some-moe").name == "some-moe"
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_pipeline_answers_equal_replayed_answers(allocation):
+    """Through kvpress's pipeline (prefill under the press, then greedy decoding from the cache it left: ragged for
+    "layer", masked for "global") the answer is the one decoded from the replayed cache."""
+    from transformers import pipeline
+
+    from pikv_press.testing import build_tokenizer
+
+    model = get_model(FAMILY)
+    surrogate = _random_surrogate(model, seed=13)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=build_tokenizer())
+    context, question = "The special magic number is 7481. " * 6, "What is the special magic number?"
+    inputs = pipe.preprocess(context, [question], "", 10**6)
+    try:
+        with torch.no_grad(), PrefillRecorder(model) as recorder:
+            model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+        press = KVzipSurrogatePress(0.6, surrogate=surrogate, window_size=8, allocation=allocation)
+        expected = pipe(context, question=question, press=press, max_new_tokens=6)["answer"]
+        _clear_masks(model)
+        with torch.no_grad():
+            cache = recorder.snapshot.replay(press)
+            answer = pipe.generate_answer(inputs["questions_ids"][0], cache, inputs["context_ids"].shape[1], 6)
+    finally:
+        _clear_masks(model)
+    assert answer == expected
+    assert expected != pipe(context, question=question, max_new_tokens=6)["answer"]  # the press changed the answer
