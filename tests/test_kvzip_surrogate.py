@@ -500,3 +500,49 @@ def test_pipeline_answers_equal_replayed_answers(allocation):
         _clear_masks(model)
     assert answer == expected
     assert expected != pipe(context, question=question, max_new_tokens=6)["answer"]  # the press changed the answer
+
+
+@pytest.mark.parametrize("family", [FAMILY, "glm4_moe"])
+def test_global_allocation_frees_the_rows_in_an_expert_sharded_cache_and_decodes_as_the_masks(family):
+    """allocation="global" on an ExpertShardedCache (attention "pikv_sharded"): the entries a DynamicCache masks are
+    removed instead (each head keeps its own count, the total is exact, the evicted share of the bytes is freed), and
+    decoding gives SDPA's logits over the masked dense cache."""
+    import pikv_press.attention.sharded  # noqa: F401  (registers pikv_sharded)
+    from pikv_press.cache import cache_nbytes
+    from pikv_press.cache.sharded import ExpertShardedCache
+
+    seq, ratio = 40, 0.6
+    ids = _ids(seq + 4, seed=14)
+    sdpa, sharded = get_model(family, "sdpa"), get_model(family, "pikv_sharded")
+    surrogate = _random_surrogate(sdpa, seed=15)
+    press = KVzipSurrogatePress(ratio, surrogate=surrogate, window_size=4, n_sink=2)
+    try:
+        with torch.no_grad():
+            dense = DynamicCache()
+            with press(sdpa):
+                sdpa.model(input_ids=ids[:, :seq], past_key_values=dense)
+            masks = _masks(sdpa)
+            reference = torch.cat([sdpa(ids[:, i:i + 1], past_key_values=dense).logits
+                                   for i in range(seq, ids.shape[1])], dim=1)
+    finally:
+        _clear_masks(sdpa)
+    heads = sdpa.config.num_key_value_heads
+    with ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as full, \
+            ExpertShardedCache(sharded, sink_tokens=2, recent_tokens=3) as cache, torch.no_grad():
+        sharded.model(input_ids=ids[:, :seq], past_key_values=full)
+        with press(sharded):
+            sharded.model(input_ids=ids[:, :seq], past_key_values=cache)
+        assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in sharded.model.layers)
+        counts = torch.stack([layer.head_counts() for layer in cache.layers])
+        expected = torch.stack([seq - torch.bincount(head, minlength=heads) for _, head, _ in masks])
+        assert torch.equal(counts, expected) and len(set(counts.reshape(-1).tolist())) > 1
+        assert int(counts.sum()) == counts.numel() * seq - int(counts.numel() * seq * ratio)
+        freed = 1 - cache_nbytes(cache) / cache_nbytes(full)
+        out = torch.cat([sharded(ids[:, i:i + 1], past_key_values=cache).logits
+                         for i in range(seq, ids.shape[1])], dim=1)
+    assert abs(freed - int(counts.numel() * seq * ratio) / (counts.numel() * seq)) < 1e-9
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    # pikv_sharded attention over another cache would not read the masks: a clear error, no hooks left behind
+    with pytest.raises(ValueError, match="use an ExpertShardedCache"), torch.no_grad(), press(sharded):
+        sharded.model(input_ids=ids[:, :seq], past_key_values=DynamicCache())
+    assert not press_hooks(sharded)

@@ -15,6 +15,7 @@ from kvpress.presses.kvzap_press import KVzapModel
 from torch import nn
 
 from pikv_press.attention import headwise
+from pikv_press.cache.sharded import SHARDED_ATTENTION, ExpertShardedLayer
 from pikv_press.compat import _MoEAwareBase
 from pikv_press.presses.base import check_batch_size_one, check_ratio
 
@@ -49,8 +50,10 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
       the prefill has run, and the lowest ``compression_ratio`` of all (layer, head, token) entries are evicted, so
       layers and heads keep different shares, as ``KVzipPress`` does with its reconstruction scores. The evictions
       are exact head-wise masks in SDPA attention (:mod:`pikv_press.attention.headwise`), set when the prefill is
-      over, as KVzip's: the cache keeps the masked rows in memory (KVzip in kvpress does the same), so this saves
-      attention reads, not bytes.
+      over, as KVzip's: a ``DynamicCache`` keeps the masked rows in memory (KVzip in kvpress does the same), so this
+      saves attention reads, not bytes. An :class:`~pikv_press.cache.ExpertShardedCache` (attention
+      ``"pikv_sharded"``) holds a different number of rows per head, and there the evicted rows are removed: the
+      bytes are freed.
     * ``"layer"``: KVzip's allocation across layers, with the bytes freed. The same global ranking decides how many
       entries each layer gives up; each layer then evicts that many divided by its kv heads from every head (its
       lowest-predicted tokens in that head), rows freed in any cache, once the prefill is over. In all,
@@ -128,9 +131,10 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
 
             anatomy = moe_anatomy_for_press(model)
             implementation = attention_implementation(anatomy) if anatomy is not None else None
-            if anatomy is not None and implementation != "sdpa":
+            if anatomy is not None and implementation not in ("sdpa", SHARDED_ATTENTION):
                 raise ValueError(f"KVzipSurrogatePress(allocation='global') masks its evictions head-wise inside SDPA "
-                                 f"attention; this model runs {implementation!r} attention: load it with "
+                                 f"attention (or removes them from an ExpertShardedCache, attention "
+                                 f"{SHARDED_ATTENTION!r}); this model runs {implementation!r} attention: load it with "
                                  "attn_implementation='sdpa', or use allocation='layer' or 'head' (rows evicted, "
                                  "any attention).")
         if self._resolved is None:
@@ -195,8 +199,8 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
                              "allocation='head' there.")
         layer_idx = int(module.layer_idx)
         self._table[layer_idx] = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        if self.allocation == "layer":  # the layer finish_prefill will cut, in the layout its attention stores
-            self._layers[layer_idx] = (kwargs["past_key_values"].layers[layer_idx], getattr(module, "layout", None))
+        # the cache layer finish_prefill cuts (or, "global", removes rows from where it can), and its layout
+        self._layers[layer_idx] = (kwargs["past_key_values"].layers[layer_idx], getattr(module, "layout", None))
         return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
 
     def finish_prefill(self, model: nn.Module) -> None:
@@ -225,7 +229,15 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         owner = pruned // (heads * seq)
         for position, layer_idx in enumerate(layers):
             entries = pruned[owner == position] % (heads * seq)
+            layer = layers_[layer_idx][0]
+            if isinstance(layer, ExpertShardedLayer):  # ragged rows per head: the evicted ones are freed
+                layer.remove(entries // seq, entries % seq)
+                continue
             module = anatomy.attention(layer_idx)
+            if getattr(model.config, "_attn_implementation", None) == SHARDED_ATTENTION:
+                raise ValueError(f"KVzipSurrogatePress(allocation='global') under {SHARDED_ATTENTION!r} attention "
+                                 "removes its evictions from an ExpertShardedCache; this cache is a "
+                                 f"{type(layer).__name__}: use an ExpertShardedCache, or SDPA attention.")
             module.masked_key_indices = (torch.zeros_like(entries), entries // seq, entries % seq)
             headwise.mark(module)
             headwise.move_masks(module)
