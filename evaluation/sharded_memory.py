@@ -16,8 +16,10 @@ Printed and appended to ``measurements/sharded_memory/<model>.jsonl`` (one line 
   Model weights are not included. Not RSS, not tracemalloc (tracemalloc does not see torch's allocator).
 
 Presses: ``none``, ``adakv`` (``AdaKVPress(KnormPress)``: head-wise budgets, masked by kvpress in a DynamicCache),
-``expert_balanced`` (``ExpertBalancedPress`` with Knorm scores: expert-wise budgets). The DynamicCache runs on SDPA
-(AdaKV refuses eager attention); the sharded cache on ``pikv_sharded``.
+``expert_balanced`` (``ExpertBalancedPress`` with Knorm scores: expert-wise budgets), ``kvzip_surrogate``
+(``KVzipSurrogatePress``: KVzip's allocation across layers and heads, masked in a DynamicCache; it needs the surrogate
+shipped for the model, so the embedded model only). The DynamicCache runs on SDPA (AdaKV and the surrogate's masks
+need it); the sharded cache on ``pikv_sharded``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "measurements" / "sharded_memory"
-PRESSES = ("none", "adakv", "expert_balanced")
+PRESSES = ("none", "adakv", "expert_balanced", "kvzip_surrogate")
 CACHES = ("dynamic", "sharded")
 
 
@@ -39,7 +41,7 @@ def make_press(name: str, ratio: float):
     from kvpress import AdaKVPress, KnormPress
 
     from pikv_press.compat import MoEAware
-    from pikv_press.presses import ExpertBalancedPress
+    from pikv_press.presses import ExpertBalancedPress, KVzipSurrogatePress
 
     if name == "none":
         return None
@@ -47,6 +49,8 @@ def make_press(name: str, ratio: float):
         return MoEAware(AdaKVPress(KnormPress(ratio)))
     if name == "expert_balanced":
         return ExpertBalancedPress(ratio, press=KnormPress())
+    if name == "kvzip_surrogate":
+        return KVzipSurrogatePress(ratio)
     raise ValueError(f"Unknown press {name!r}; choose from {PRESSES}.")
 
 
