@@ -340,3 +340,22 @@ def test_another_attention_reading_the_cache_is_refused():
         model.set_attn_implementation("sdpa")
         with pytest.raises(ValueError, match="never read by the sharded attention"), torch.no_grad():
             model(token_ids()[:, :PREFILL], past_key_values=cache)
+
+
+def test_a_prefill_clears_head_wise_masks_left_by_an_earlier_forward():
+    """Masks an earlier forward left on the attention modules (AdaKV or a KVzip-style press on SDPA, then the same
+    model switched to pikv_sharded) belong to another context: a prefill into an empty sharded cache clears them, as
+    kvpress's attention patch does, instead of removing their rows from the new context."""
+    model = model_of("qwen2_moe", "pikv_sharded")
+    anatomy = get_anatomy(model)
+    module = anatomy.attention(anatomy.compressible_layers[0])
+    module.masked_key_indices = (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                                 torch.arange(3))
+    try:
+        with ExpertShardedCache(model, sink_tokens=2, recent_tokens=3) as cache, torch.no_grad():
+            model(token_ids()[:, :PREFILL], past_key_values=cache)
+            assert all(torch.equal(layer.head_counts(), torch.full_like(layer.head_counts(), PREFILL))
+                       for layer in cache.layers)
+        assert module.masked_key_indices is None
+    finally:
+        module.masked_key_indices = None
