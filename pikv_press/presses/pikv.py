@@ -47,7 +47,9 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
       allocation across layers and heads, 2% of the prefill) ties it on the headline: 19.3 / 19.1 / 15.6, so
       -1.0 [-4.5, +2.4] / +0.5 [-3.3, +4.3] / +4.5 [-0.9, +9.7], and leads it on the needle grid (15/15 and 10/15
       against 1/15) and in ``make demo`` (65.6 against 43.8). It is not this press because its evictions are
-      head-wise masks set after the prefill (no bytes freed) and it needs a surrogate fitted for each model.
+      head-wise masks set after the prefill (no bytes freed in a ``DynamicCache``; an ``ExpertShardedCache``
+      removes the rows), its per-layer variant that frees rows in any cache (``allocation="layer"``) loses 7-12
+      points to this press, and it needs a surrogate fitted for each model.
     * At 2k (246 contexts, four ratios) the routing-novelty feature on TOVA gains +2.9 [+1.4, +4.6] at 0.875,
       +1.0 [+0.1, +2.1] at 0.25 and ties at 0.5-0.75; at 4k it loses 1.5-2.3 points, so it is not part of this press.
     * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) KVzip keeps 14/15
