@@ -177,44 +177,50 @@ def test_replay_equals_the_plain_path(allocation):
 
 
 def test_global_allocation_evicts_the_lowest_predicted_entries_of_all_layers_and_heads():
-    """allocation="global" (KVzip's compress_post allocation): the masked (layer, head, token) entries are exactly
-    the lowest ``ratio`` of every layer's and head's predicted scores, sinks and window excepted; the layers keep
-    different shares; the cache itself keeps every row; the next prefill's answers read the masks."""
+    """allocation="global" (KVzip's compress_post allocation): the tokens each (layer, head) still attends to are
+    exactly those above the lowest ``ratio`` of every layer's and head's predicted scores, sinks and window included;
+    heads and layers keep different shares; each layer holds only as many rows as its widest head keeps, the other
+    heads' surplus rows (behind their own) masked; nothing else stays on the model once the cache is gone."""
     model = get_model(FAMILY)
-    ids = _ids(64, seed=5)
+    seq = 64
+    ids = _ids(seq, seed=5)
     surrogate = _random_surrogate(model, seed=6)
-    hidden = _attention_inputs(model, ids)
-    anatomy = get_anatomy(model)
-    table = []
-    for layer in range(anatomy.num_layers):
-        scores = surrogate.layers[layer](hidden[layer].float()).transpose(1, 2)[0]  # (kv_heads, seq)
-        top = scores.amax(-1, keepdim=True) + 1
-        scores[:, :2] = top + 1000  # sinks and window: above every predicted score
-        scores[:, -8:] = top + 500
-        table.append(scores)
-    table = torch.stack(table)
+    table = _reference_table(model, surrogate, ids, n_sink=2, window=8)
     heads = table.shape[1]
     n_pruned = int(table.numel() * 0.5)
     threshold = table.reshape(-1).sort().values[n_pruned - 1]
-    cache = DynamicCache()
-    try:
-        with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2)(model):
-            model.model(input_ids=ids, past_key_values=cache)
-        masks = _masks(model)
-    finally:
-        _clear_masks(model)
+    with torch.no_grad():
+        full = DynamicCache()
+        model.model(input_ids=ids, past_key_values=full)
+        cache = DynamicCache()
+        try:
+            with KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=8, n_sink=2)(model):
+                model.model(input_ids=ids, past_key_values=cache)
+            masks = _masks(model)
+        finally:
+            _clear_masks(model)
+    attended, shares = 0, set()
+    for layer, (kept_layer, mask) in enumerate(zip(cache.layers, masks, strict=True)):
+        expected = table[layer] > threshold  # (heads, seq)
+        width = kept_layer.keys.shape[2]
+        assert width == int(expected.sum(-1).max())  # cut to the widest head
+        masked = torch.zeros(heads, width, dtype=torch.bool)
+        if mask is not None:
+            assert torch.all(mask[0] == 0)
+            masked[mask[1], mask[2]] = True
+        for head in range(heads):
+            n = int(expected[head].sum())
+            assert not masked[head, :n].any() and masked[head, n:].all()  # its own rows first, the surplus masked
+            tokens = _kept(full.layers[layer].keys[0, head], kept_layer.keys[0, head, :n])
+            assert tokens == set(expected[head].nonzero().flatten().tolist())
+            assert {0, 1} | set(range(seq - 8, seq)) <= tokens
+            attended += n
+            shares.add(n)
+    assert attended == table.numel() - n_pruned and len(shares) > 1
+    assert {hook.__name__ for hook in press_hooks(model)} <= {"fit_mask_to_layer"}
+    del cache
+    gc.collect()
     assert not press_hooks(model)
-    assert all(layer.keys.shape[2] == 64 for layer in cache.layers)  # masks, not evictions
-    total, shares = 0, set()
-    for layer, (batch, head, position) in enumerate(masks):
-        masked = torch.zeros(heads, 64, dtype=torch.bool)
-        masked[head, position] = True
-        assert torch.equal(masked, table[layer] <= threshold)
-        assert not masked[:, :2].any() and not masked[:, -8:].any()
-        assert torch.all(batch == 0)
-        total += int(masked.sum())
-        shares.add(int(masked.sum()))
-    assert total == n_pruned and len(shares) > 1
 
 
 def _reference_table(model, surrogate, ids, n_sink: int, window: int) -> torch.Tensor:
@@ -400,26 +406,35 @@ def test_the_surrogate_shipped_for_the_embedded_model_has_its_shape():
 
 
 def test_global_allocation_on_a_dense_model_live_and_replayed():
-    """On a dense model (kvpress's own hooks) the global allocation masks the same entries live and in replay."""
+    """On a dense model (kvpress's own hooks) the global allocation cuts and masks the same entries live and in
+    replay, and the entries still attended to are exactly ``1 - ratio`` of all."""
     model = get_model("llama")
     ids = _ids(40, seed=7)
     surrogate = _random_surrogate(model, seed=8)
-    masks = []
+    masks, caches = [], [DynamicCache()]
     try:
         with torch.no_grad(), KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=4, n_sink=2)(model):
-            model.model(input_ids=ids, past_key_values=DynamicCache())
+            model.model(input_ids=ids, past_key_values=caches[0])
         masks.append(_masks(model))
         _clear_masks(model)
         with torch.no_grad(), PrefillRecorder(model) as recorder:
             model.model(input_ids=ids, past_key_values=DynamicCache())
-        recorder.snapshot.replay(KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=4, n_sink=2))
+        caches.append(recorder.snapshot.replay(KVzipSurrogatePress(0.5, surrogate=surrogate, window_size=4,
+                                                                   n_sink=2)))
         masks.append(_masks(model))
     finally:
         _clear_masks(model)
     heads = model.config.num_key_value_heads
-    assert sum(len(m[2]) for m in masks[0]) == int(len(masks[0]) * heads * 40 * 0.5)
+    attended = sum(layer.keys.shape[2] * heads - (0 if m is None else len(m[2]))
+                   for layer, m in zip(caches[0].layers, masks[0], strict=True))
+    assert attended == len(masks[0]) * heads * 40 - int(len(masks[0]) * heads * 40 * 0.5)
+    assert any(layer.keys.shape[2] < 40 for layer in caches[0].layers)  # rows freed
     for a, b in zip(*masks, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert (a is None and b is None) or all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(*(c.layers for c in caches), strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    del caches
+    gc.collect()
     assert not press_hooks(model)
 
 
@@ -522,7 +537,9 @@ def test_global_allocation_frees_the_rows_in_an_expert_sharded_cache_and_decodes
             with press(sdpa):
                 sdpa.model(input_ids=ids[:, :seq], past_key_values=dense)
             masks = _masks(sdpa)
-            reference = torch.cat([sdpa(ids[:, i:i + 1], past_key_values=dense).logits
+            widths = [layer.keys.shape[2] for layer in dense.layers]
+            # positions passed as kvpress's pipeline does: a cut cache's length is not the context's
+            reference = torch.cat([sdpa(ids[:, i:i + 1], past_key_values=dense, position_ids=torch.tensor([[i]])).logits
                                    for i in range(seq, ids.shape[1])], dim=1)
     finally:
         _clear_masks(sdpa)
@@ -534,11 +551,13 @@ def test_global_allocation_frees_the_rows_in_an_expert_sharded_cache_and_decodes
             sharded.model(input_ids=ids[:, :seq], past_key_values=cache)
         assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in sharded.model.layers)
         counts = torch.stack([layer.head_counts() for layer in cache.layers])
-        expected = torch.stack([seq - torch.bincount(head, minlength=heads) for _, head, _ in masks])
+        expected = torch.stack([width - (0 if mask is None else torch.bincount(mask[1], minlength=heads))
+                                for width, mask in zip(widths, masks, strict=True)])
+        assert min(widths) < seq
         assert torch.equal(counts, expected) and len(set(counts.reshape(-1).tolist())) > 1
         assert int(counts.sum()) == counts.numel() * seq - int(counts.numel() * seq * ratio)
         freed = 1 - cache_nbytes(cache) / cache_nbytes(full)
-        out = torch.cat([sharded(ids[:, i:i + 1], past_key_values=cache).logits
+        out = torch.cat([sharded(ids[:, i:i + 1], past_key_values=cache, position_ids=torch.tensor([[i]])).logits
                          for i in range(seq, ids.shape[1])], dim=1)
     assert abs(freed - int(counts.numel() * seq * ratio) / (counts.numel() * seq)) < 1e-9
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

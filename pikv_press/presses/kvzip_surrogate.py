@@ -48,12 +48,12 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
 
     * ``"global"``: KVzip's own allocation. The predicted scores of every layer and kv head are ranked together once
       the prefill has run, and the lowest ``compression_ratio`` of all (layer, head, token) entries are evicted, so
-      layers and heads keep different shares, as ``KVzipPress`` does with its reconstruction scores. The evictions
-      are exact head-wise masks in SDPA attention (:mod:`pikv_press.attention.headwise`), set when the prefill is
-      over, as KVzip's: a ``DynamicCache`` keeps the masked rows in memory (KVzip in kvpress does the same), so this
-      saves attention reads, not bytes. An :class:`~pikv_press.cache.ExpertShardedCache` (attention
-      ``"pikv_sharded"``) holds a different number of rows per head, and there the evicted rows are removed: the
-      bytes are freed.
+      layers and heads keep different shares, as ``KVzipPress`` does with its reconstruction scores, decided when
+      the prefill is over. A ``DynamicCache`` holds the same number of tokens in every head of a layer: each layer
+      is cut to what its widest head keeps, and in the other heads the rows beyond their own share stay in memory
+      as exact head-wise masks in SDPA attention (:mod:`pikv_press.attention.headwise`; KVzip in kvpress masks
+      every evicted row and frees none). An :class:`~pikv_press.cache.ExpertShardedCache` (attention
+      ``"pikv_sharded"``) holds a different number of rows per head, and there every evicted row is freed.
     * ``"layer"``: KVzip's allocation across layers, with the bytes freed. The same global ranking decides how many
       entries each layer gives up; each layer then evicts that many divided by its kv heads from every head (its
       lowest-predicted tokens in that head), rows freed in any cache, once the prefill is over. In all,
@@ -85,9 +85,9 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         ``ValueError`` says how to fit one where there is none).
     window_size : the most recent context tokens, always kept.
     n_sink : the first context tokens, always kept.
-    allocation : ``"global"`` (KVzip's ranking across layers and heads, head-wise masks), ``"layer"`` (the global
-        ranking's share per layer, the same share in each of its heads, evicted rows freed) or ``"head"`` (the same
-        share in every head of every layer, evicted rows freed).
+    allocation : ``"global"`` (KVzip's ranking across layers and heads; each layer cut to its widest head, the
+        rest masked head-wise), ``"layer"`` (the global ranking's share per layer, the same share in each of its
+        heads, evicted rows freed) or ``"head"`` (the same share in every head of every layer, evicted rows freed).
     """
 
     compression_ratio: float = 0.0
@@ -201,14 +201,15 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
                              "allocation='head' there.")
         layer_idx = int(module.layer_idx)
         self._table[layer_idx] = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        # the cache layer finish_prefill cuts (or, "global", removes rows from where it can), and its layout
-        self._layers[layer_idx] = (kwargs["past_key_values"].layers[layer_idx], getattr(module, "layout", None))
+        self._layers[layer_idx] = kwargs["past_key_values"].layers[layer_idx]  # the cache layer finish_prefill cuts
         return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
 
     def finish_prefill(self, model: nn.Module) -> None:
         """Rank the scores of every (layer, kv head, token) recorded during the prefill together (KVzip's
-        ``compress_post`` allocation) and evict: ``"global"``, the lowest ``compression_ratio`` of all entries, as
-        head-wise masks on each layer's attention; ``"layer"``, as many tokens per head from each layer as the
+        ``compress_post`` allocation) and evict. ``"global"``: the lowest ``compression_ratio`` of all entries; an
+        ``ExpertShardedCache`` layer removes them; any other layer is cut to the most tokens one of its heads keeps,
+        each head holding its kept rows first and, where it keeps fewer, some of its evicted rows behind them, which
+        are masked head-wise (exact in SDPA attention). ``"layer"``: as many tokens per head from each layer as the
         ranking takes from it, rows freed. Called on leaving ``with press(model):`` and at the end of a prefill
         replay."""
         table, layers_, self._table, self._layers, self._begun = self._table, self._layers, {}, {}, False
@@ -221,26 +222,36 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         if self.allocation == "layer":
             evicted = self.layer_evictions(scores)
             for position, layer_idx in enumerate(layers):
-                self._evict_rows(*layers_[layer_idx], scores[position], seq - int(evicted[position]))
+                n_kept = seq - int(evicted[position])
+                if n_kept < seq:  # as kvpress's ScorerPress: each head's best-scored tokens
+                    _keep_rows(layers_[layer_idx], scores[position].topk(n_kept, dim=-1).indices)
             return
         from pikv_press.compat import moe_anatomy_for_press
         from pikv_press.moe.anatomy import get_anatomy
 
         anatomy = moe_anatomy_for_press(model) or get_anatomy(model)
         pruned = torch.topk(-scores.reshape(-1), int(scores.numel() * self.compression_ratio)).indices
-        owner = pruned // (heads * seq)
+        evict = torch.zeros(scores.numel(), dtype=torch.bool)
+        evict[pruned] = True
+        evict = evict.view(n_layers, heads, seq)
         for position, layer_idx in enumerate(layers):
-            entries = pruned[owner == position] % (heads * seq)
-            layer = layers_[layer_idx][0]
+            layer, gone = layers_[layer_idx], evict[position]
             if isinstance(layer, ExpertShardedLayer):  # ragged rows per head: the evicted ones are freed
-                layer.remove(entries // seq, entries % seq)
+                head_idx, seq_idx = gone.nonzero(as_tuple=True)
+                layer.remove(head_idx, seq_idx)
                 continue
-            module = anatomy.attention(layer_idx)
             if getattr(model.config, "_attn_implementation", None) == SHARDED_ATTENTION:
                 raise ValueError(f"KVzipSurrogatePress(allocation='global') under {SHARDED_ATTENTION!r} attention "
                                  "removes its evictions from an ExpertShardedCache; this cache is a "
                                  f"{type(layer).__name__}: use an ExpertShardedCache, or SDPA attention.")
-            module.masked_key_indices = (torch.zeros_like(entries), entries // seq, entries % seq)
+            kept = seq - gone.sum(dim=-1)  # (heads,)
+            width = int(kept.max())
+            if width < seq:  # every head's kept rows first (in order), then evicted ones up to the widest head
+                _keep_rows(layer, torch.argsort(gone.to(torch.int8), dim=-1, stable=True)[:, :width])
+                gone = torch.arange(width)[None, :] >= kept[:, None]
+            head_idx, seq_idx = gone.nonzero(as_tuple=True)
+            module = anatomy.attention(layer_idx)
+            module.masked_key_indices = (torch.zeros_like(head_idx), head_idx, seq_idx)
             headwise.mark(module)
             headwise.move_masks(module)
 
@@ -260,24 +271,6 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         for i in order[: total - int(counts.sum())]:
             counts[i] += 1
         return counts
-
-    @staticmethod
-    def _evict_rows(layer, layout, scores: torch.Tensor, n_kept: int) -> None:
-        """Keep the ``n_kept`` best-scored tokens of every head of one cache layer (rows freed), in its own layout."""
-        from pikv_press.cache.layers import layer_access
-
-        access = layer_access(layer)
-        keys, values = access.read()
-        if layout is not None:
-            keys, values = layout.keys_to_canonical(keys), layout.values_to_canonical(values)
-        if n_kept == keys.shape[2]:
-            return
-        index = scores.to(keys.device).topk(n_kept, dim=-1).indices[None, :, :, None]  # as kvpress's ScorerPress
-        keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])).contiguous()
-        values = values.gather(2, index.expand(-1, -1, -1, values.shape[-1])).contiguous()
-        if layout is not None:
-            keys, values = layout.keys_from_canonical(keys), layout.values_from_canonical(values)
-        access.write(keys, values)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         check_batch_size_one(self, keys)
@@ -300,3 +293,16 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             scores[..., :sink] = top + window + 1 + torch.arange(sink, 0, -1, device=scores.device,
                                                                  dtype=scores.dtype)
         return scores
+
+
+def _keep_rows(layer, index: torch.Tensor) -> None:
+    """Keep, in every kv head ``h`` of a cache layer, the rows ``index[h]`` (``(kv_heads, n)`` token positions, in
+    that order); the others are freed. Rows are whole tokens of one head, so the cache's own layout (partial RoPE,
+    latent attention) needs no transform."""
+    from pikv_press.cache.layers import layer_access
+
+    access = layer_access(layer)
+    keys, values = access.read()
+    index = index.to(keys.device)[None, :, :, None]
+    access.write(keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])).contiguous(),
+                 values.gather(2, index.expand(-1, -1, -1, values.shape[-1])).contiguous())
