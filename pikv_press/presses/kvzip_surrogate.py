@@ -195,9 +195,8 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             return super().compress(module, hidden_states, keys, values, attentions, kwargs)
         if not self._begun:
             raise ValueError(f"KVzipSurrogatePress(allocation={self.allocation!r}) decides its evictions once the "
-                             "whole prefill "
-                             "is scored, so it runs as the outermost press (`with press(model):`, the pipeline or a "
-                             "prefill replay), not inside another press such as ComposedPress: use "
+                             "whole prefill is scored, so it runs as the outermost press (`with press(model):`, the "
+                             "pipeline or a prefill replay), not inside another press such as ComposedPress: use "
                              "allocation='head' there.")
         layer_idx = int(module.layer_idx)
         self._table[layer_idx] = self.score(module, hidden_states, keys, values, attentions, kwargs)
