@@ -127,8 +127,8 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
              f"({n_tasks} tasks, {per_task_text} per task), 95% bootstrap intervals "
              "(paired where a difference is shown).", "",
              "| press | ratio | score [95% CI] | vs full cache [paired] | vs reference, same ratio [paired] | "
-             "reference | gold NLL | NLL vs reference [paired] | replay time / prefill time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "reference | gold NLL | NLL vs reference [paired] | replay time / prefill time | KV rows held |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for press, ratio in wanted:
         out = scores[(press, ratio)]
         if out["question"].tolist() != full["question"].tolist():
@@ -156,6 +156,7 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
             cells.append(f"{d:+.3f} [{d_low:+.3f}, {d_high:+.3f}]")
         share = out["press_seconds"].astype(float).sum() / out["prefill_seconds"].astype(float).sum()
         cells.append(f"{100 * share:.1f}%")
+        cells.append(_rows_held(out, full))
         lines.append("| " + " | ".join(cells) + " |")
     per_task = {p: {t: round(float(g['score'].mean()), 1) for t, g in scores[(p, r)].groupby("task")}
                 for p, r in wanted if r in (0.0, max(ratios))}
@@ -165,8 +166,21 @@ def report(output_dir: Path, files: list[Path], presses: list[str], ratios: list
               "below 0 means the press keeps what the answer needs better than its reference).", "",
               "Replay time: replaying the press on the recorded prefill (copy of the full cache included), as a "
               "share of the recorded prefill's time, on a shared CPU.", "",
+              "KV rows held: the rows the compressed cache keeps in memory (mean over layers, summed over samples) "
+              "as a share of the full cache's; a press that masks instead of evicting holds 100%; blank where the "
+              "press ran its own passes (no replayed cache to count).", "",
               f"Per task at ratio {max(ratios):g} (and full cache): `{json.dumps(per_task)}`"]
     return "\n".join(lines)
+
+
+def _rows_held(out: pd.DataFrame, full: pd.DataFrame) -> str:
+    """The KV rows the press's cache holds as a share of the full cache's (``kv_tokens_per_layer``), or blank."""
+    if "kv_tokens_per_layer" not in out or "kv_tokens_per_layer" not in full:
+        return ""
+    held, whole = out["kv_tokens_per_layer"].astype(float), full["kv_tokens_per_layer"].astype(float)
+    if held.isna().any() or whole.isna().any() or whole.sum() == 0:
+        return ""
+    return f"{100 * held.sum() / whole.sum():.0f}%"
 
 
 def _length(path: Path) -> str:

@@ -53,7 +53,7 @@ def test_report_pairs_each_row_with_its_reference(tmp_path):
     assert table["streaming_llm"][4].startswith("-25.0") and table["streaming_llm"][5] == "tova"
     assert table["tova"][5] == "" and table["tova"][4] == ""
     assert eb[3].startswith("+0.0")  # against the full cache
-    assert "10.0%" in eb[-1]  # replay / prefill
+    assert "10.0%" in eb[-2] and eb[-1].strip(" |") == ""  # replay / prefill; no kv_tokens_per_layer: no rows held
     assert "4 samples (2 tasks, 2 per task)" in text
 
 
@@ -121,6 +121,10 @@ def test_report_finds_the_runs_that_evaluate_writes_for_either_scoring(tmp_path)
         assert ra.run_chunk(chunk, ["no_press", "knorm"], "0.5", tmp_path / "runs", 1, str(model_dir), scoring) == 0
         text = ra.report(tmp_path, [chunk], ["no_press", "knorm"], [0.5], model=str(model_dir), scoring=scoring)
         assert "1 samples (1 tasks, 1 per task)" in text, (scoring, text)
+        if scoring == "teacher_forced":  # the rows each cache holds, against the full cache's
+            held = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
+                    for line in text.splitlines() if line.startswith("| no_press") or line.startswith("| knorm")}
+            assert held["no_press"] == "100%" and held["knorm"] in ("49%", "50%"), held
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 4
     # one chunk's sweep writes no results.md / results.png of its own: the ablation's report pools every chunk
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.is_dir()) == []
