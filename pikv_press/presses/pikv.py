@@ -46,10 +46,11 @@ class PiKVPress(_MoEAwareBase, TOVAPress):
     * :class:`KVzipSurrogatePress` (KVzip's scores predicted by a linear surrogate fitted on news text, KVzip's
       allocation across layers and heads, 2% of the prefill) ties it on the headline: 19.3 / 19.1 / 15.6, so
       -1.0 [-4.5, +2.4] / +0.5 [-3.3, +4.3] / +4.5 [-0.9, +9.7], and leads it on the needle grid (15/15 and 10/15
-      against 1/15) and in ``make demo`` (65.6 against 43.8). It is not this press because its evictions are
-      head-wise masks set after the prefill (no bytes freed in a ``DynamicCache``; an ``ExpertShardedCache``
-      removes the rows), its per-layer variant that frees rows in any cache (``allocation="layer"``) loses 7-12
-      points to this press, and it needs a surrogate fitted for each model.
+      against 1/15) and in ``make demo`` (65.6 against 43.8). It is not this press because its evictions differ
+      per head, so a ``DynamicCache`` holds more than the ratio says (88 / 68 / 40% of the rows at 0.25 / 0.5 /
+      0.75; an ``ExpertShardedCache`` frees every evicted row), its per-layer variant that frees every evicted row
+      in any cache (``allocation="layer"``) loses 7-12 points to this press, the prefill holds the full cache until
+      its ranking is done, and it needs a surrogate fitted for each model.
     * At 2k (246 contexts, four ratios) the routing-novelty feature on TOVA gains +2.9 [+1.4, +4.6] at 0.875,
       +1.0 [+0.1, +2.1] at 0.25 and ties at 0.5-0.75; at 4k it loses 1.5-2.3 points, so it is not part of this press.
     * Not the best everywhere: on the needle grid (``python -m evaluation.needle_heatmap``) KVzip keeps 14/15
