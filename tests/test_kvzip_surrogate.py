@@ -492,7 +492,7 @@ def test_the_fit_writes_where_the_press_looks():
 @pytest.mark.parametrize("allocation", ["layer", "global"])
 def test_pipeline_answers_equal_replayed_answers(allocation):
     """Through kvpress's pipeline (prefill under the press, then greedy decoding from the cache it left: ragged for
-    "layer", masked for "global") the answer is the one decoded from the replayed cache."""
+    "layer", cut and masked for "global") the answer is the one decoded from the replayed cache."""
     from transformers import pipeline
 
     from pikv_press.testing import build_tokenizer
@@ -519,9 +519,9 @@ def test_pipeline_answers_equal_replayed_answers(allocation):
 
 @pytest.mark.parametrize("family", [FAMILY, "glm4_moe"])
 def test_global_allocation_frees_the_rows_in_an_expert_sharded_cache_and_decodes_as_the_masks(family):
-    """allocation="global" on an ExpertShardedCache (attention "pikv_sharded"): the entries a DynamicCache masks are
-    removed instead (each head keeps its own count, the total is exact, the evicted share of the bytes is freed), and
-    decoding gives SDPA's logits over the masked dense cache."""
+    """allocation="global" on an ExpertShardedCache (attention "pikv_sharded"): every evicted entry is removed (each
+    head keeps its own count, the one a DynamicCache attends to after its cut and masks; the total is exact; the
+    evicted share of the bytes is freed), and decoding gives SDPA's logits over the cut and masked dense cache."""
     import pikv_press.attention.sharded  # noqa: F401  (registers pikv_sharded)
     from pikv_press.cache import cache_nbytes
     from pikv_press.cache.sharded import ExpertShardedCache
