@@ -17,9 +17,9 @@ Printed and appended to ``measurements/sharded_memory/<model>.jsonl`` (one line 
 
 Presses: ``none``, ``adakv`` (``AdaKVPress(KnormPress)``: head-wise budgets, masked by kvpress in a DynamicCache),
 ``expert_balanced`` (``ExpertBalancedPress`` with Knorm scores: expert-wise budgets), ``kvzip_surrogate``
-(``KVzipSurrogatePress``: KVzip's allocation across layers and heads, masked in a DynamicCache; it needs the surrogate
-shipped for the model, so the embedded model only). The DynamicCache runs on SDPA (AdaKV and the surrogate's masks
-need it); the sharded cache on ``pikv_sharded``.
+(``KVzipSurrogatePress``: KVzip's allocation across layers and heads; a DynamicCache is cut to each layer's widest
+head and masks the other heads' surplus; it needs the surrogate shipped for the model, so the embedded model only).
+The DynamicCache runs on SDPA (AdaKV and the surrogate's masks need it); the sharded cache on ``pikv_sharded``.
 """
 
 from __future__ import annotations

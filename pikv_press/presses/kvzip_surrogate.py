@@ -99,7 +99,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
     _resolved: KVzapModel | None = field(default=None, init=False, repr=False)
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
     _table: dict = field(default_factory=dict, init=False, repr=False)
-    _layers: dict = field(default_factory=dict, init=False, repr=False)
+    _cache: object = field(default=None, init=False, repr=False)
     _begun: bool = field(default=False, init=False, repr=False)
     # its __call__ only adds begin_prefill / finish_prefill around the hooks, which a prefill replay runs too
     # (pikv_press.prefill)
@@ -185,11 +185,11 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
                 # inside the hooks' scope: a cache that "layer" leaves ragged keeps its mask fitting (compat)
                 self.finish_prefill(model)
         finally:
-            self._begun, self._table, self._layers = False, {}, {}
+            self._begun, self._table, self._cache = False, {}, None
 
     def begin_prefill(self) -> None:
         """Start collecting the scores of every layer (``with press(model):`` and a prefill replay call it)."""
-        self._begun, self._table, self._layers = True, {}, {}
+        self._begun, self._table, self._cache = True, {}, None
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.allocation == "head" or self.compression_ratio == 0:
@@ -201,7 +201,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
                              "allocation='head' there.")
         layer_idx = int(module.layer_idx)
         self._table[layer_idx] = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        self._layers[layer_idx] = kwargs["past_key_values"].layers[layer_idx]  # the cache layer finish_prefill cuts
+        self._cache = kwargs["past_key_values"]  # the cache finish_prefill cuts
         return keys, values  # nothing evicted yet: finish_prefill ranks every layer's scores together
 
     def finish_prefill(self, model: nn.Module) -> None:
@@ -212,30 +212,27 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         are masked head-wise (exact in SDPA attention). ``"layer"``: as many tokens per head from each layer as the
         ranking takes from it, rows freed. Called on leaving ``with press(model):`` and at the end of a prefill
         replay."""
-        table, layers_, self._table, self._layers, self._begun = self._table, self._layers, {}, {}, False
+        table, cache, self._table, self._cache, self._begun = self._table, self._cache, {}, None, False
         if self.allocation == "head" or self.compression_ratio == 0 or not table:
             return
         layers = sorted(table)
         scores = torch.stack([table[i][0].float().cpu() for i in layers])  # (layers, kv_heads, seq)
         self._protect(scores, scores.max() + 1)  # above every layer's and head's score, as KVzip's sinks
-        n_layers, heads, seq = scores.shape
+        seq = scores.shape[-1]
         if self.allocation == "layer":
             evicted = self.layer_evictions(scores)
             for position, layer_idx in enumerate(layers):
                 n_kept = seq - int(evicted[position])
                 if n_kept < seq:  # as kvpress's ScorerPress: each head's best-scored tokens
-                    _keep_rows(layers_[layer_idx], scores[position].topk(n_kept, dim=-1).indices)
+                    _keep_rows(cache.layers[layer_idx], scores[position].topk(n_kept, dim=-1).indices)
             return
         from pikv_press.compat import moe_anatomy_for_press
         from pikv_press.moe.anatomy import get_anatomy
 
         anatomy = moe_anatomy_for_press(model) or get_anatomy(model)
-        pruned = torch.topk(-scores.reshape(-1), int(scores.numel() * self.compression_ratio)).indices
-        evict = torch.zeros(scores.numel(), dtype=torch.bool)
-        evict[pruned] = True
-        evict = evict.view(n_layers, heads, seq)
+        evict = _lowest(scores, int(scores.numel() * self.compression_ratio))
         for position, layer_idx in enumerate(layers):
-            layer, gone = layers_[layer_idx], evict[position]
+            layer, gone = cache.layers[layer_idx], evict[position]
             if isinstance(layer, ExpertShardedLayer):  # ragged rows per head: the evicted ones are freed
                 head_idx, seq_idx = gone.nonzero(as_tuple=True)
                 layer.remove(head_idx, seq_idx)
@@ -263,8 +260,7 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
         ``int(layers * seq * compression_ratio)``."""
         n_layers, heads, seq = scores.shape
         total = int(n_layers * seq * self.compression_ratio)
-        pruned = torch.topk(-scores.reshape(-1), total * heads).indices
-        share = torch.bincount(pruned // (heads * seq), minlength=n_layers).double() / heads
+        share = _lowest(scores, total * heads).sum(dim=(1, 2)).double() / heads
         counts = share.floor().long()
         remainder = share - counts
         order = sorted(range(n_layers), key=lambda i: (-float(remainder[i]), i))
@@ -293,6 +289,13 @@ class KVzipSurrogatePress(_MoEAwareBase, ScorerPress):
             scores[..., :sink] = top + window + 1 + torch.arange(sink, 0, -1, device=scores.device,
                                                                  dtype=scores.dtype)
         return scores
+
+
+def _lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """A boolean mask of the shape of ``scores``, true at its ``n`` lowest entries (over every layer and head)."""
+    lowest = torch.zeros(scores.numel(), dtype=torch.bool)
+    lowest[torch.topk(-scores.reshape(-1), n).indices] = True
+    return lowest.view(scores.shape)
 
 
 def _keep_rows(layer, index: torch.Tensor) -> None:
