@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Cache
 
 from pikv_press import compat
+from pikv_press.attention import headwise
 from pikv_press.cache import layer_access, make_cache
 from pikv_press.moe import ContextRouting, RoutingRecorder, get_anatomy, language_model_of
 
@@ -90,10 +91,8 @@ class PrefillSnapshot:
         :mod:`pikv_press.compat` alive until the cache is garbage-collected, as a live press does.
         """
         cache = self.full_cache(cache_factory)
-        language_model = language_model_of(self.model)
-        for layer in language_model.layers:  # head-wise masks of a previous replay (AdaKV) must not leak
-            if getattr(layer.self_attn, "masked_key_indices", None) is not None:
-                layer.self_attn.masked_key_indices = None
+        # head-wise masks of a previous replay (AdaKV) must not leak
+        headwise.clear_masks(layer.self_attn for layer in language_model_of(self.model).layers)
         if press is None:
             return cache
         if compat.has_moe_correct_call(press):

@@ -86,6 +86,15 @@ def move_masks(module: torch.nn.Module, device: torch.device | None = None) -> N
     module.masked_key_indices = tuple(t.to(device) for t in masked)
 
 
+def clear_masks(modules) -> None:
+    """Drop the head-wise masks (``masked_key_indices``) of every attention module in ``modules``: they belong to
+    the context that set them, and a new prefill must not inherit them (kvpress's attention patch clears them at a
+    prefill too)."""
+    for module in modules:
+        if getattr(module, "masked_key_indices", None) is not None:
+            module.masked_key_indices = None
+
+
 def mark(module: torch.nn.Module) -> None:
     """Apply ``module``'s head-wise masks exactly (:func:`install` included)."""
     install()

@@ -570,12 +570,11 @@ class _ModelHooks:
                 layer.unconsumed = False
                 layer.query_experts = None
             if all(not layer.is_initialized or layer.get_seq_length() == 0 for layer in cache.layers):
-                # a prefill clears head-wise masks left by an earlier forward (kvpress's attention patch does the
-                # same): after_forward would otherwise remove their rows from this new context
-                for idx in range(self.anatomy.num_layers):
-                    attention = self.anatomy.attention(idx)
-                    if getattr(attention, "masked_key_indices", None) is not None:
-                        attention.masked_key_indices = None
+                # a prefill clears head-wise masks left by an earlier forward: after_forward would otherwise remove
+                # their rows from this new context
+                from pikv_press.attention.headwise import clear_masks  # the attention package imports this module
+
+                clear_masks(self.anatomy.attention(idx) for idx in range(self.anatomy.num_layers))
 
     def _predict(self, layer_idx: int):
         def hook(module, args, kwargs):
